@@ -1,0 +1,44 @@
+"""``mirage data synth`` and ``mirage data check``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mirage.cli import command
+from mirage.config import Config
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="dataset directory to write")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per Friends season")
+    p.add_argument("--seconds", type=float, default=None, help="duration of every run in seconds")
+    p.add_argument("--parcels", type=int, default=None, help="parcels in the fMRI files")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+
+
+@command("data synth", "write a synthetic dataset in the Algonauts 2025 layout", _synth_args)
+def data_synth(cfg: Config, a: argparse.Namespace) -> int:
+    from mirage.data.synth import write_synthetic
+
+    updates: dict[str, Any] = {
+        f"data.synth.{f}": getattr(a, f) for f in ("episodes", "seconds", "parcels", "seed") if getattr(a, f) is not None
+    }
+    cfg = cfg.with_overrides(updates) if updates else cfg
+    path = write_synthetic(a.out, cfg.data.synth, tr=cfg.data.tr, progress=True)
+    print(f"synthetic dataset written to {path}")
+    return 0
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="dataset directory in the Algonauts 2025 layout")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@command("data check", "validate a dataset directory", _check_args)
+def data_check(cfg: Config, a: argparse.Namespace) -> int:
+    from mirage.data.check import check_dataset, print_report
+
+    report = check_dataset(a.root, cfg.data)
+    print_report(report, as_json=a.json)
+    return 0 if report["ok"] else 1

@@ -1,0 +1,3 @@
+"""``mirage extract`` and ``mirage features verify``."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""``mirage sweep`` and ``mirage ensemble``."""
+
+from __future__ import annotations

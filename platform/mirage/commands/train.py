@@ -1,0 +1,3 @@
+"""``mirage train`` and ``mirage baseline``."""
+
+from __future__ import annotations

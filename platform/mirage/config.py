@@ -1,0 +1,459 @@
+"""The one typed config tree of the platform.
+
+Every command, job and Tune trial builds its configuration the same way:
+
+    cfg = load_config("demo", ["model.n_queries=8", "train.epochs=2"])
+
+A preset (a YAML file in ``configs/`` or any path) is merged over the field
+defaults, then each ``section.key=value`` override is applied in order; the
+result is validated as a whole. Unknown keys are rejected with their dotted
+path; values are type-checked. Field defaults are the published MIRAGE setup;
+``configs/demo.yaml`` shrinks it to a tiny CPU run.
+
+Paths left empty are derived from ``outputs`` by :func:`resolve_paths`, and all
+paths become absolute there (jobs run from an unpacked copy of the project and
+Tune changes each trial's working directory).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mirage.errors import MirageError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PRESET_DIR = PROJECT_ROOT / "configs"
+DEFAULT_PRESET = "demo"
+
+SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-05")
+MODALITIES = ("vision", "audio", "text")
+"""Order of modalities in the feature store (axis 1 of every feature array)."""
+
+
+class ConfigError(MirageError):
+    """A config file, preset or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: strict, unknown keys rejected, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SynthConfig(Section):
+    """Synthetic dataset written in the Algonauts 2025 layout (tests, demo, benchmarks)."""
+
+    seasons: list[int] = Field(
+        default_factory=lambda: [1, 2, 6, 7], description="Friends seasons written (train seasons, 6 = val, 7 = test)."
+    )
+    episodes: int = Field(2, ge=1, description="Episodes per Friends season; each has splits a and b.")
+    movies: list[str] = Field(
+        default_factory=lambda: ["bourne", "life"], description="Movie10 movies written (life/figures get _run-1/_run-2 keys)."
+    )
+    ood_movies: list[str] = Field(
+        default_factory=lambda: ["chaplin", "pulpfiction"], description="OOD movies written (chaplin has no transcript)."
+    )
+    seconds: float = Field(60.0, gt=0, description="Duration of every stimulus run in seconds.")
+    parcels: int = Field(1000, ge=1, description="Number of parcels in the fMRI files.")
+    fps: float = Field(10.0, gt=0, description="Video frame rate of the written mkv files.")
+    width: int = Field(64, ge=16, description="Video width in pixels (even).")
+    height: int = Field(48, ge=16, description="Video height in pixels (even).")
+    sample_rate: int = Field(16000, ge=8000, description="Audio sample rate of the written mkv files.")
+    channels: int = Field(1, ge=1, le=2, description="Audio channel count of the written mkv files.")
+    snr: float = Field(1.0, gt=0, description="Signal-to-noise ratio (variance) of the planted fMRI signal.")
+    planted_fraction: float = Field(
+        0.6, ge=0, le=1, description="Fraction of parcels driven by a stimulus property; the rest is noise."
+    )
+    seed: int = Field(0, description="Seed of everything random in the synthetic dataset.")
+
+
+class DataConfig(Section):
+    """Where the Algonauts 2025 dataset is and how it is cut into samples."""
+
+    root: str = Field("", description="Dataset directory in the release layout; empty = <outputs>/data.")
+    subjects: list[str] = Field(default_factory=lambda: list(SUBJECTS), description="Subjects, in head order.")
+    n_parcels: int = Field(1000, ge=1, description="Parcels per fMRI sample (Schaefer 1000).")
+    tr: float = Field(1.49, gt=0, description="Repetition time of the fMRI in seconds.")
+    train: list[str] = Field(
+        default_factory=lambda: ["friends:s1", "friends:s2", "friends:s3", "friends:s4", "friends:s5", "movie10:*"],
+        description="Stimulus selectors of the training split ('<source>:<season|movie|*>').",
+    )
+    val: list[str] = Field(default_factory=lambda: ["friends:s6"], description="Selectors of the validation split.")
+    test: list[str] = Field(
+        default_factory=lambda: ["friends:s7", "ood:*"], description="Selectors of the test split (no fMRI released)."
+    )
+    window_trs: int = Field(100, ge=1, description="Training window length in TRs (100 TRs = 149 s).")
+    stride_trs: int = Field(100, ge=1, description="Stride between training windows in TRs.")
+    hrf_delay_trs: int = Field(3, ge=0, description="Stimulus window starts this many TRs before the fMRI window.")
+    zscore: bool = Field(True, description="z-score the fMRI per parcel per run.")
+    max_length_mismatch_trs: int = Field(
+        5, ge=0, description="Largest tolerated difference between fMRI and stimulus length in TRs."
+    )
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic dataset parameters.")
+
+
+# ----------------------------------------------------------------------- features
+
+
+class TinyBackboneConfig(Section):
+    """A randomly initialised Qwen3-Omni thinker of the real architecture, tiny sizes."""
+
+    n_layers: int = Field(4, ge=1, description="Transformer layers of the text model.")
+    hidden: int = Field(64, ge=8, description="Width of the text model (feature dim).")
+    heads: int = Field(4, ge=1, description="Attention heads of the text model.")
+    kv_heads: int = Field(2, ge=1, description="Key/value heads of the text model.")
+    experts: int = Field(4, ge=1, description="Mixture-of-experts experts per layer.")
+    experts_per_token: int = Field(2, ge=1, description="Experts routed per token.")
+    vocab_size: int = Field(512, ge=64, description="Vocabulary of the locally trained tokenizer.")
+    vision_depth: int = Field(2, ge=1, description="Vision encoder blocks.")
+    vision_hidden: int = Field(32, ge=8, description="Vision encoder width.")
+    audio_layers: int = Field(2, ge=1, description="Audio encoder layers.")
+    audio_hidden: int = Field(32, ge=8, description="Audio encoder width.")
+    seed: int = Field(0, description="Seed of the random weights.")
+
+
+class FeaturesConfig(Section):
+    """Stimulus-to-feature extraction and the feature store."""
+
+    store: str = Field("", description="Feature store root; empty = <outputs>/features.")
+    backbone: Literal["tiny", "qwen3-omni"] = Field("qwen3-omni", description="Backbone registry name.")
+    model_id: str = Field("Qwen/Qwen3-Omni-30B-A3B-Thinking", description="Checkpoint id or local path.")
+    revision: str = Field("main", description="Checkpoint revision, recorded in the store key.")
+    fusion: Literal["native", "posthoc"] = Field(
+        "native", description="native: all modalities in one pass; posthoc: each modality alone."
+    )
+    rate_hz: float = Field(2.0, gt=0, description="Rate of extraction cutoffs (feature frames per second).")
+    video_seconds: float = Field(4.0, gt=0, description="Video context before each cutoff in seconds.")
+    video_fps: float = Field(2.0, gt=0, description="Frame rate at which video context is sampled.")
+    max_frames: int = Field(8, ge=1, description="At most this many video frames per pass.")
+    audio_seconds: float = Field(60.0, gt=0, description="Audio context before each cutoff in seconds.")
+    audio_rate: int = Field(16000, description="Audio sample rate fed to the backbone.")
+    max_words: int = Field(1024, ge=0, description="At most this many transcript words per pass.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Backbone dtype on GPU.")
+    actors: int = Field(1, ge=1, description="Ray Data actor pool size (backbone replicas).")
+    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per extraction actor (0 on CPU).")
+    cpus_per_actor: float = Field(1.0, ge=0, description="Logical CPUs per extraction actor.")
+    batch_size: int = Field(1, ge=1, description="Work items per actor call.")
+    cutoffs_per_item: int = Field(32, ge=1, description="Cutoffs in one work item (a span of one stimulus run).")
+    tiny: TinyBackboneConfig = Field(default_factory=TinyBackboneConfig, description="The tiny backbone.")
+
+
+# -------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    """MIRAGE architecture (DESIGN section 5).
+
+    Feature dim and layer count come from the feature store, output TRs from ``data.window_trs``,
+    parcels and subjects from the data, as in the reference builder.
+    """
+
+    modalities: list[Literal["text", "audio", "vision"]] = Field(
+        default_factory=lambda: ["text", "audio", "vision"], description="Modalities, in fusion order."
+    )
+    layers: list[int] | None = Field(None, description="Backbone layers fed to the model (indices); None = all.")
+    n_queries: int = Field(24, ge=1, description="Learned latent queries per modality.")
+    pooler_heads: int = Field(4, ge=1, description="Heads of the layer cross-attention.")
+    pooler_dropout: float = Field(0.2, ge=0, lt=1, description="Attention dropout of the layer cross-attention.")
+    query_init_std: float = Field(0.02, gt=0, description="Std of the query initialisation.")
+    hidden_dim: int = Field(3072, ge=3, description="Fused width (projection per modality = hidden_dim // n_mod).")
+    modality_dropout: float = Field(0.3, ge=0, lt=1, description="Probability of zeroing a whole modality.")
+    depth: int = Field(8, ge=1, description="Transformer blocks of the brain encoder.")
+    heads: int = Field(8, ge=1, description="Attention heads of the brain encoder.")
+    ff_mult: int = Field(4, ge=1, description="Feed-forward expansion of the brain encoder.")
+    attn_dropout: float = Field(0.0, ge=0, lt=1, description="Attention dropout of the brain encoder.")
+    ff_dropout: float = Field(0.0, ge=0, lt=1, description="Feed-forward dropout of the brain encoder.")
+    max_time_len: int = Field(1024, ge=1, description="Rows of the learned time position table.")
+
+
+# ----------------------------------------------------------------------- training
+
+
+class TrainConfig(Section):
+    """Optimisation and Ray Train settings."""
+
+    epochs: int = Field(15, ge=1, description="Training epochs.")
+    batch_size: int = Field(16, ge=1, description="Global batch size (windows per optimiser step).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, OneCycle).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_frac: float = Field(0.1, ge=0, lt=1, description="Fraction of steps warming up (OneCycle pct_start).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    seed: int = Field(33, description="Seed of initialisation, shuffling and dropout.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (FSDP2 ranks).")
+    use_gpu: bool = Field(True, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, ge=0, description="Logical CPUs per Train worker.")
+    max_failures: int = Field(2, ge=0, description="Worker failures tolerated before the run fails.")
+    name: str = Field("", description="Run name (storage folder); empty = derived from the config hash.")
+    storage: str = Field("", description="Ray Train/Tune storage path; empty = <outputs>/ray_results.")
+    loader_threads: int = Field(2, ge=0, description="Background threads prefetching batches.")
+
+
+# ------------------------------------------------------------------- sweep / ensemble
+
+
+class ParamSpec(Section):
+    """One dimension of a search space, keyed by the same dotted path as ``--set``."""
+
+    kind: Literal["int", "float", "loguniform", "choice"] = Field(description="Distribution type.")
+    low: float | None = Field(None, description="Lower bound (int, float, loguniform).")
+    high: float | None = Field(None, description="Upper bound (int, float, loguniform).")
+    values: list[Any] | None = Field(None, description="Candidates (choice).")
+
+
+class SweepConfig(Section):
+    """Ray Tune + Optuna (TPE) + ASHA."""
+
+    name: str = Field("mirage-sweep", description="Sweep name (Tune experiment folder and MLflow run name).")
+    num_samples: int = Field(30, ge=1, description="Trials.")
+    max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
+    metric: str = Field("val_r", description="Metric optimised.")
+    mode: Literal["max", "min"] = Field("max", description="Direction of the metric.")
+    grace_period: int = Field(3, ge=1, description="ASHA: epochs before a trial can be stopped.")
+    reduction_factor: int = Field(3, ge=2, description="ASHA reduction factor.")
+    seed: int = Field(0, description="Seed of the TPE sampler.")
+    n_startup_trials: int = Field(10, ge=1, description="TPE random trials before modelling.")
+    space: dict[str, ParamSpec] = Field(
+        default_factory=lambda: {
+            "model.n_queries": ParamSpec(kind="choice", values=[8, 16, 24, 32]),
+            "model.depth": ParamSpec(kind="int", low=2, high=10),
+            "train.lr": ParamSpec(kind="loguniform", low=3e-5, high=3e-4),
+            "model.pooler_dropout": ParamSpec(kind="float", low=0.0, high=0.4),
+            "model.modality_dropout": ParamSpec(kind="float", low=0.0, high=0.5),
+            "model.hidden_dim": ParamSpec(kind="choice", values=[1536, 3072]),
+        },
+        description="Search space: dotted config key -> distribution.",
+    )
+
+
+class EnsembleConfig(Section):
+    """Ensembles of independently trained members, combined per parcel."""
+
+    n_members: int = Field(15, ge=1, description="Members in all.")
+    top_k: int = Field(5, ge=1, description="Best sweep configs used; members cycle seeds over them.")
+    temperature: float = Field(0.3, gt=0, description="Softmax temperature over members' validation r.")
+    fit_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of validation runs that fit the weights; the rest scores."
+    )
+    registry_name: str = Field("mirage", description="Model Registry name of the ensemble.")
+    alias: str = Field("champion", description="Registry alias set on the new version.")
+
+
+class TrackingConfig(Section):
+    """MLflow."""
+
+    uri: str = Field("", description="Tracking URI; empty = sqlite:///<outputs>/mlflow.db (absolute).")
+    experiment: str = Field("mirage", description="MLflow experiment name.")
+
+
+class RayConfig(Section):
+    """How to reach (or start) Ray."""
+
+    address: str = Field("", description="Cluster address ('auto', 'ray://...'); empty = start a local Ray.")
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray (more than physical cores on small machines)."
+    )
+    include_dashboard: bool = Field(True, description="Start the dashboard with a local Ray (on 127.0.0.1).")
+
+
+class ServeConfig(Section):
+    """Ray Serve prediction service."""
+
+    host: str = Field("127.0.0.1", description="Bind address of the HTTP proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    replicas: int = Field(1, ge=1, description="Initial replicas.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch size.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch wait.")
+    max_payload_mb: float = Field(64.0, gt=0, description="Largest request body accepted.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica.")
+
+
+# --------------------------------------------------------------------------- root
+
+
+class Config(Section):
+    """The whole configuration of a platform run."""
+
+    outputs: str = Field("outputs", description="Folder for every output whose path is left empty.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_not_empty(cls, v: str) -> str:
+        if not v:
+            raise ValueError("outputs must name a folder")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-serialisable)."""
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        return flatten(self.to_dict())
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Config":
+        """A validated copy with dotted overrides applied (``{"a.b": 1}`` or ``["a.b=1"]``)."""
+        tree = self.to_dict()
+        items = _parse_overrides(overrides) if isinstance(overrides, list) else list(overrides.items())
+        for key, value in items:
+            _set_dotted(tree, key, value)
+        return _validate(tree, source="overrides")
+
+    def dump(self, path: str | os.PathLike) -> None:
+        """Write the config as YAML (readable back by :func:`load_config`)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {dotted key: leaf}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.startswith("sweep.space"):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+        out.append((key, value))
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    if key.startswith("sweep.space."):  # search-space names are dotted config keys themselves
+        tree["sweep"]["space"][key[len("sweep.space."):]] = value
+        return
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (in override {key})")
+        node = node[part]
+    if not isinstance(node, dict):
+        raise ConfigError(f"config key {'.'.join(parts[:-1])!r} is not a section (in override {key})")
+    leaf = parts[-1]
+    # dict-valued fields (sweep.space) accept new keys; sections do not
+    if leaf not in node and not _is_open_mapping(parts[:-1]):
+        raise ConfigError(f"unknown config key {key!r}")
+    node[leaf] = value
+
+
+def _is_open_mapping(path: list[str]) -> bool:
+    return path == ["sweep", "space"]
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        key = f"{where}{k}"
+        if k not in out and not _is_open_mapping(where.rstrip(".").split(".") if where else []):
+            raise ConfigError(f"unknown config key {key!r}")
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and key != "sweep.space":
+            out[k] = _merge(out[k], v, key + ".")
+        else:
+            out[k] = v
+    return out
+
+
+def _validate(tree: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                msgs.append(f"unknown config key {loc!r}")
+            else:
+                msgs.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"invalid config ({source}): " + "; ".join(msgs)) from None
+
+
+def preset_path(name: str) -> Path:
+    """A preset name (``demo``) or a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        return p
+    cand = PRESET_DIR / f"{name}.yaml"
+    if not cand.is_file():
+        known = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r}: expected a YAML path or one of {known}")
+    return cand
+
+
+def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build the config: field defaults < preset YAML < overrides; validated; paths not yet resolved."""
+    tree = Config().to_dict()
+    path = preset_path(preset or DEFAULT_PRESET)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    tree = _merge(tree, loaded)
+    cfg = _validate(tree, source=str(path))
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    return cfg
+
+
+def resolve_paths(cfg: Config, base: str | os.PathLike | None = None) -> Config:
+    """Fill empty paths from ``outputs`` and make every path absolute (relative to ``base`` or cwd)."""
+    base_dir = Path(base) if base is not None else Path.cwd()
+    out = (base_dir / os.path.expanduser(cfg.outputs)).resolve()
+
+    def absolute(p: str, default: Path) -> str:
+        return str((base_dir / os.path.expanduser(p)).resolve()) if p else str(default)
+
+    upd: dict[str, Any] = {
+        "outputs": str(out),
+        "data.root": absolute(cfg.data.root, out / "data"),
+        "features.store": absolute(cfg.features.store, out / "features"),
+        "train.storage": absolute(cfg.train.storage, out / "ray_results"),
+    }
+    uri = cfg.tracking.uri or f"sqlite:///{out / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str((base_dir / uri[len("sqlite:///"):]).resolve())
+    upd["tracking.uri"] = uri
+    return cfg.with_overrides(upd)
