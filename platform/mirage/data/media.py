@@ -1,0 +1,240 @@
+"""Decoding stimulus movies (video frames and audio) with PyAV.
+
+Times are seconds from the start of the file. Any frame rate, resolution,
+sample rate and channel count is accepted; audio comes out as mono float32 at
+the requested rate, zero outside the file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+
+from mirage.errors import DataError
+
+# Decode forward from the current position rather than seek when the next
+# requested time is at most this many seconds ahead.
+_SEEK_AHEAD_S = 5.0
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Video stream facts: frame rate (frames/s), width and height in pixels, codec name."""
+
+    fps: float
+    width: int
+    height: int
+    codec: str
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """Audio stream facts: sample rate (Hz), channel count, codec name."""
+
+    sample_rate: int
+    channels: int
+    codec: str
+
+
+class MediaReader:
+    """Random access to the frames and the audio of one movie file.
+
+    Use as a context manager (``with MediaReader(path) as m: ...``) or call ``close()``.
+    Raises DataError naming the file if it is missing or not a decodable media file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: media file not found")
+        try:
+            self._c = av.open(str(self.path), mode="r")
+        except (av.error.FFmpegError, OSError, ValueError) as e:
+            raise DataError(f"{self.path}: not a decodable media file ({e})") from None
+        self._v = self._c.streams.video[0] if self._c.streams.video else None
+        self._a = self._c.streams.audio[0] if self._c.streams.audio else None
+        if self._v is not None:
+            self._v.thread_type = "AUTO"
+        self._rgb = VideoReformatter()  # one conversion context for every frame
+        # time 0 = start of the container (first presentation time of any stream)
+        self._t0 = self._c.start_time / av.time_base if self._c.start_time is not None else 0.0
+
+    # --- context
+
+    def __enter__(self) -> "MediaReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._c.close()
+
+    # --- facts
+
+    @property
+    def has_video(self) -> bool:
+        """Whether the file has a video stream."""
+        return self._v is not None
+
+    @property
+    def has_audio(self) -> bool:
+        """Whether the file has an audio stream."""
+        return self._a is not None
+
+    @property
+    def video_info(self) -> VideoInfo:
+        """Frame rate, size and codec of the video stream."""
+        v = self._require_video()
+        rate = v.average_rate or v.guessed_rate or v.base_rate
+        return VideoInfo(fps=float(rate) if rate else 0.0, width=v.codec_context.width,
+                         height=v.codec_context.height, codec=v.codec_context.name)
+
+    @property
+    def audio_info(self) -> AudioInfo:
+        """Sample rate, channel count and codec of the audio stream."""
+        a = self._require_audio()
+        return AudioInfo(sample_rate=a.codec_context.sample_rate, channels=a.codec_context.channels,
+                         codec=a.codec_context.name)
+
+    @property
+    def duration(self) -> float:
+        """Length of the file in seconds (the longest stream; container header, else stream headers)."""
+        ends = []
+        for s in (self._v, self._a):
+            if s is not None and s.duration is not None and s.time_base is not None:
+                start = s.start_time or 0
+                ends.append(float((start + s.duration) * s.time_base))
+        if ends:
+            return max(ends)
+        if self._c.duration is not None:
+            return self._c.duration / av.time_base
+        raise DataError(f"{self.path}: duration unknown (no duration in the container or stream headers)")
+
+    # --- video
+
+    def _require_video(self):
+        if self._v is None:
+            raise DataError(f"{self.path}: no video stream, expected one")
+        return self._v
+
+    def _require_audio(self):
+        if self._a is None:
+            raise DataError(f"{self.path}: no audio track, expected one")
+        return self._a
+
+    def _video_frames(self, start: float):
+        """Decoded video frames from the keyframe at or before ``start`` onwards."""
+        v = self._v
+        offset = int(math.floor((max(start, 0.0) + self._t0) / v.time_base))
+        self._c.seek(offset, stream=v, backward=True, any_frame=False)
+        return self._c.decode(v)
+
+    def frames_at(self, times) -> np.ndarray:
+        """The frame shown at each time (the last frame starting at or before it).
+
+        times: (n,) seconds; before the first frame gives the first frame, after the end the last.
+        Returns uint8 (n, H, W, 3) RGB.
+        """
+        self._require_video()
+        times = np.asarray(times, dtype=np.float64).reshape(-1)
+        out: list[np.ndarray | None] = [None] * len(times)
+        if len(times) == 0:
+            v = self._v.codec_context
+            return np.zeros((0, v.height, v.width, 3), np.uint8)
+        order = np.argsort(times, kind="stable")
+        try:
+            self._fill_frames(times, order, out)
+        except av.error.FFmpegError as e:
+            raise DataError(f"{self.path}: video does not decode ({e})") from None
+        return np.stack(out)
+
+    def _fill_frames(self, times: np.ndarray, order: np.ndarray, out: list) -> None:
+        frames = None
+        prev = None  # last decoded frame (time, frame)
+        cur = None  # next decoded frame not yet passed
+        pos = -math.inf
+        last = None  # (frame, its RGB array): repeated times convert once
+        for idx in order:
+            t = float(times[idx])
+            if frames is None or t > pos + _SEEK_AHEAD_S or (prev is not None and t < prev[0]):
+                frames, prev, cur = self._restart(t)
+            # advance until the next frame starts after t
+            while cur is not None and cur[0] <= t + 1e-9:
+                prev = cur
+                cur = self._next_frame(frames)
+            pos = prev[0] if prev is not None else pos
+            chosen = prev if prev is not None else cur
+            if chosen is None:
+                raise DataError(f"{self.path}: no decodable video frame near {t:.3f} s")
+            if last is None or last[0] is not chosen[1]:
+                last = (chosen[1], self._rgb.reformat(chosen[1], format="rgb24").to_ndarray())  # (H, W, 3)
+            out[idx] = last[1]
+
+    def _restart(self, t: float):
+        """Seek before ``t``; returns (frame iterator, None, first frame). Falls back to the file start."""
+        frames = self._video_frames(t)
+        first = self._next_frame(frames)
+        if first is not None and first[0] > t + 1e-9 and t > 0:
+            frames = self._video_frames(0.0)
+            first = self._next_frame(frames)
+        return frames, None, first
+
+    # --- audio
+
+    def audio(self, start: float, end: float, rate: int = 16000) -> np.ndarray:
+        """Mono audio of [start, end) seconds resampled to ``rate`` Hz.
+
+        Returns float32 (n_samples,), n_samples = round((end - start) * rate); zero before 0
+        and after the end of the file. Channels are averaged.
+        """
+        a = self._require_audio()
+        if end < start:
+            raise ValueError(f"audio span end {end} < start {start}")
+        n = int(round((end - start) * rate))
+        out = np.zeros(n, np.float32)
+        if n == 0 or end <= 0:
+            return out
+        try:
+            t0, y = self._decode_audio(a, start, end, rate)
+            if t0 > max(start, 0.0) + 1.0 / rate and start > 0:
+                t0, y = self._decode_audio(a, 0.0, end, rate)
+        except av.error.FFmpegError as e:
+            raise DataError(f"{self.path}: audio does not decode ({e})") from None
+        first = int(round((t0 - start) * rate))  # index in `out` of y[0]
+        lo, hi = max(first, 0), min(first + len(y), n)
+        if hi > lo:
+            out[lo:hi] = y[lo - first: hi - first]
+        return out
+
+    def _decode_audio(self, a, start: float, end: float, rate: int) -> tuple[float, np.ndarray]:
+        """Decode from the packet at or before ``start`` to past ``end``; returns (time of first sample, mono)."""
+        offset = int(math.floor((max(start - 0.1, 0.0) + self._t0) / a.time_base))
+        self._c.seek(offset, stream=a, backward=True, any_frame=False)
+        resampler = av.AudioResampler(format="fltp", rate=rate)
+        chunks: list[np.ndarray] = []
+        t0: float | None = None
+        for frame in self._c.decode(a):
+            if t0 is None:
+                t0 = float(frame.time) - self._t0 if frame.time is not None else 0.0
+            for r in resampler.resample(frame):
+                chunks.append(r.to_ndarray().mean(axis=0, dtype=np.float32))
+            if frame.time is not None and frame.time - self._t0 > end + 0.1:
+                break
+        for r in resampler.resample(None):
+            chunks.append(r.to_ndarray().mean(axis=0, dtype=np.float32))
+        if t0 is None:
+            return 0.0, np.zeros(0, np.float32)
+        return t0, np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+    def _next_frame(self, frames):
+        """(time, frame) of the next decoded frame, or None at the end."""
+        for f in frames:
+            return (float(f.time) - self._t0 if f.time is not None else 0.0), f
+        return None

@@ -1,0 +1,168 @@
+"""Encoding metrics: per-parcel Pearson r, the Algonauts 2025 score, noise ceilings.
+
+All vectorised over parcels (no Python loop over parcels); rows are time. A
+parcel whose prediction or fMRI is constant over the rows used gets r = 0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mirage.errors import DataError
+
+METRIC_VERSION = "1"
+OOD_EDGE_TRS = 5  # Algonauts 2025: first and last TRs of each split dropped before scoring
+
+
+def pearson_r(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-12) -> np.ndarray:
+    """Pearson r of each column over rows.
+
+    pred, target: (n_trs, n_parcels) (or (..., n_trs, n_parcels): r over axis -2).
+    mask: bool (n_trs,) or (..., n_trs) (broadcast): rows that count (padding rows False); None = all.
+    Returns float64 (n_parcels,) (or (..., n_parcels)).
+    """
+    x = np.asarray(pred, dtype=np.float64)
+    y = np.asarray(target, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"pearson_r: prediction shape {x.shape} != target shape {y.shape}")
+    if mask is None:
+        w = np.ones(x.shape[:-1] + (1,))
+    else:
+        try:
+            w = np.broadcast_to(np.asarray(mask, dtype=np.float64), x.shape[:-1])[..., None]  # (..., T, 1)
+        except ValueError:
+            raise ValueError(f"pearson_r: mask shape {np.shape(mask)} does not match rows {x.shape[:-1]}") from None
+    n = w.sum(axis=-2)  # (..., 1)
+    n_safe = np.maximum(n, 1.0)
+    mx = (w * x).sum(axis=-2, keepdims=True) / n_safe[..., None, :]  # (..., 1, P)
+    my = (w * y).sum(axis=-2, keepdims=True) / n_safe[..., None, :]
+    dx, dy = w * (x - mx), w * (y - my)  # (..., T, P)
+    cov = (dx * dy).sum(axis=-2)  # (..., P)
+    vx, vy = (dx * dx).sum(axis=-2), (dy * dy).sum(axis=-2)
+    den = np.sqrt(vx * vy)
+    return np.where(den > eps, cov / np.where(den > eps, den, 1.0), 0.0)
+
+
+def pearson_r_torch(pred, target, mask=None, eps: float = 1e-8):
+    """Torch twin of :func:`pearson_r` (differentiable, any device), computed in float32 or wider.
+
+    pred, target: Tensor (..., n_trs, n_parcels); mask: bool Tensor (..., n_trs) or None.
+    Returns Tensor (..., n_parcels).
+    """
+    import torch
+
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    x, y = pred.to(dtype), target.to(dtype)
+    w = torch.ones_like(x[..., :1]) if mask is None else mask.to(dtype).unsqueeze(-1)  # (..., T, 1)
+    n = w.sum(dim=-2, keepdim=True).clamp_min(1.0)  # (..., 1, 1)
+    mx = (w * x).sum(dim=-2, keepdim=True) / n  # (..., 1, P)
+    my = (w * y).sum(dim=-2, keepdim=True) / n
+    dx, dy = w * (x - mx), w * (y - my)  # (..., T, P)
+    cov = (dx * dy).sum(dim=-2)  # (..., P)
+    den = torch.sqrt((dx * dx).sum(dim=-2) * (dy * dy).sum(dim=-2))
+    return torch.where(den > eps, cov / den.clamp_min(eps), torch.zeros_like(cov))
+
+
+def chunk_group(chunk: str) -> str:
+    """Scoring group of a chunk key: the movie for OOD (``chaplin1`` -> ``chaplin``), the season for Friends."""
+    m = re.match(r"^(s\d+)e\d+[a-z]?$", chunk)
+    if m:
+        return m.group(1)
+    return re.sub(r"\d+$", "", chunk) or chunk
+
+
+@dataclass
+class AlgonautsScore:
+    """Mean r over subjects; per subject; per subject and group; per-parcel r (subject -> group -> (P,))."""
+
+    score: float
+    subjects: dict[str, float]
+    groups: dict[str, dict[str, float]]
+    parcels: dict[str, dict[str, np.ndarray]] = field(repr=False)
+    version: str = METRIC_VERSION
+
+    def flat(self) -> dict[str, float]:
+        """``{"score": .., "<subject>": .., "<subject>/<group>": ..}`` (for MLflow)."""
+        out = {"score": self.score, **self.subjects}
+        for sub, g in self.groups.items():
+            out.update({f"{sub}/{k}": v for k, v in g.items()})
+        return out
+
+
+def algonauts_score(
+    predictions: Mapping[str, Mapping[str, np.ndarray]],
+    targets: Mapping[str, Mapping[str, np.ndarray]],
+    edge_trs: int = OOD_EDGE_TRS,
+    group: Callable[[str], str] = chunk_group,
+) -> AlgonautsScore:
+    """The Algonauts 2025 rule.
+
+    Per subject and group (movie): drop the first and last ``edge_trs`` TRs of each chunk,
+    concatenate the chunks, Pearson r per parcel, mean over parcels; then mean over
+    groups, then over subjects.
+
+    predictions, targets: subject -> chunk key -> (n_trs, n_parcels); every target chunk
+    needs a prediction of the same shape. Raises DataError naming the subject/chunk otherwise.
+    OOD: the defaults. Friends S7 (one group per season, no edge rule in DESIGN): ``edge_trs=0``.
+    """
+    parcels: dict[str, dict[str, np.ndarray]] = {}
+    groups: dict[str, dict[str, float]] = {}
+    subjects: dict[str, float] = {}
+    for sub in sorted(targets):
+        if sub not in predictions:
+            raise DataError(f"score: no predictions for subject {sub}")
+        by_group: dict[str, tuple[list, list]] = {}
+        for chunk in sorted(targets[sub]):
+            if chunk not in predictions[sub]:
+                raise DataError(f"score: no prediction for {sub}/{chunk}")
+            p, t = np.asarray(predictions[sub][chunk]), np.asarray(targets[sub][chunk])
+            if p.shape != t.shape or p.ndim != 2:
+                raise DataError(f"score: {sub}/{chunk}: prediction shape {p.shape}, expected the fMRI shape {t.shape}")
+            if not np.isfinite(p).all():
+                raise DataError(f"score: {sub}/{chunk}: prediction holds NaN/inf")
+            keep = slice(edge_trs, p.shape[0] - edge_trs) if edge_trs else slice(None)
+            ps, ts = by_group.setdefault(group(chunk), ([], []))
+            ps.append(p[keep])
+            ts.append(t[keep])
+        parcels[sub], groups[sub] = {}, {}
+        for g, (ps, ts) in by_group.items():
+            p, t = np.concatenate(ps), np.concatenate(ts)
+            if len(p) < 2:
+                raise DataError(f"score: {sub}/{g}: fewer than 2 TRs left after dropping {edge_trs} TRs at each edge")
+            r = pearson_r(p, t)
+            parcels[sub][g] = r
+            groups[sub][g] = float(r.mean())
+        if not groups[sub]:
+            raise DataError(f"score: no chunks for subject {sub}")
+        subjects[sub] = float(np.mean(list(groups[sub].values())))
+    if not subjects:
+        raise DataError("score: no subjects in the targets")
+    return AlgonautsScore(float(np.mean(list(subjects.values()))), subjects, groups, parcels)
+
+
+def noise_ceiling_split_half(run_a: np.ndarray, run_b: np.ndarray) -> np.ndarray:
+    """Noise ceiling from two repeats of one stimulus (e.g. Movie10 ``_run-1``/``_run-2``).
+
+    run_a, run_b: (n_trs, n_parcels). Under signal + independent noise, the repeat
+    correlation r_ab equals the reliability of one run, and the largest r a model can reach
+    with one run is sqrt(r_ab). Returns (n_parcels,) in [0, 1] (negative r_ab -> 0).
+    """
+    r = pearson_r(run_a, run_b)
+    return np.sqrt(np.clip(r, 0.0, 1.0))
+
+
+def noise_ceiling_normalized(r: np.ndarray, ceiling: np.ndarray, min_ceiling: float = 0.1) -> np.ndarray:
+    """r / ceiling per parcel; NaN where the ceiling is below ``min_ceiling`` (parcel not reliable enough).
+
+    r, ceiling: (n_parcels,) (ceiling = largest attainable r, e.g. :func:`noise_ceiling_split_half`).
+    Average with ``np.nanmean``; the count of excluded parcels is ``np.isnan(out).sum()``.
+    """
+    r, c = np.asarray(r, np.float64), np.asarray(ceiling, np.float64)
+    if r.shape != c.shape:
+        raise ValueError(f"noise_ceiling_normalized: r shape {r.shape} != ceiling shape {c.shape}")
+    ok = c >= min_ceiling
+    return np.where(ok, r / np.where(ok, c, 1.0), np.nan)
