@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -37,10 +38,95 @@ def test_cfg(outputs_dir) -> Config:
 
 # ---- data fixtures (data layer) ----------------------------------------------
 
+
+@pytest.fixture(scope="session")
+def synth_root(test_cfg):
+    """The synthetic test dataset, written once per session to ``test_cfg.data.root``."""
+    from pathlib import Path
+
+    from mirage.data.synth import write_synthetic
+
+    root = Path(test_cfg.data.root)
+    if not (root / "_truth" / "truth.json").is_file():
+        write_synthetic(root, test_cfg.data.synth, tr=test_cfg.data.tr)
+    return root
+
+
 # ---- feature fixtures (feature store) ----------------------------------------
 
+
+@pytest.fixture(scope="session")
+def feature_store(test_cfg, synth_root):
+    """The test dataset extracted once (tiny backbone, in-process); the opened FeatureStore."""
+    from mirage.features.extract import extract_all
+    from mirage.features.store import open_store
+
+    cfg = test_cfg.with_overrides({"data.root": str(synth_root)})
+    result = extract_all(cfg)
+    if result.failed:
+        raise RuntimeError(f"feature extraction of the test dataset failed: {result.failed}")
+    return open_store(cfg.features)
+
+
 # ---- model / training fixtures -----------------------------------------------
+
+CONFORMANCE_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance"
+
+
+@pytest.fixture(scope="session")
+def conformance_dir() -> Path:
+    """The reference conformance fixtures (``../shared/conformance``); skips where absent."""
+    if not (CONFORMANCE_DIR / "tiny_a" / "model.safetensors").is_file():
+        pytest.skip(f"reference conformance fixtures not found at {CONFORMANCE_DIR.resolve()}")
+    return CONFORMANCE_DIR.resolve()
+
+
+@pytest.fixture(scope="session")
+def train_cfg(test_cfg, synth_root, feature_store) -> Config:
+    """``test_cfg`` on the extracted synthetic dataset, for training tests (Ray runs on CPU)."""
+    return test_cfg.with_overrides({"data.root": str(synth_root), "train.use_gpu": False})
+
 
 # ---- sweep / ensemble fixtures -----------------------------------------------
 
 # ---- serving fixtures ----------------------------------------------------------
+
+
+def _random_export(cfg, store, out: Path, seed: int) -> Path:
+    """A randomly initialised model of ``cfg.model`` exported like a trained one."""
+    import torch
+
+    from mirage.config import MODALITIES
+    from mirage.model import build_model, save_exported
+
+    torch.manual_seed(seed)
+    dims = {m: (store.n_layers, store.dim) for m in MODALITIES}
+    model = build_model(cfg.model, dims, cfg.data.n_parcels, len(cfg.data.subjects), cfg.data.window_trs)
+    return save_exported(out, model.eval(), cfg, {"feature_key": store.key})
+
+
+@pytest.fixture(scope="session")
+def serve_cfg(test_cfg, synth_root):
+    """``test_cfg`` pointing at the session's synthetic dataset."""
+    return test_cfg.with_overrides({"data.root": str(synth_root)})
+
+
+@pytest.fixture(scope="session")
+def exported_model(serve_cfg, feature_store, tmp_path_factory) -> Path:
+    """An exported (untrained, seeded) model on the session feature store."""
+    return _random_export(serve_cfg, feature_store, tmp_path_factory.mktemp("serve") / "model", seed=1)
+
+
+@pytest.fixture(scope="session")
+def ensemble_model(serve_cfg, feature_store, tmp_path_factory) -> Path:
+    """A two-member ensemble directory with per-subject, per-parcel weights."""
+    import numpy as np
+
+    from mirage.ensemble import write_ensemble_dir
+
+    base = tmp_path_factory.mktemp("ensemble")
+    members = [_random_export(serve_cfg, feature_store, base / f"m{i}", seed=10 + i) for i in range(2)]
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.1, 1.0, (2, len(serve_cfg.data.subjects), serve_cfg.data.n_parcels))
+    w = (w / w.sum(axis=0, keepdims=True)).astype(np.float32)
+    return write_ensemble_dir(base / "ensemble", members, w, list(serve_cfg.data.subjects), {"temperature": 0.3})

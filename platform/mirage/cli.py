@@ -81,4 +81,7 @@ def _register_commands() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as ``python -m mirage.cli``: commands register on the importable module, not __main__
+    from mirage.cli import main as _main
+
+    sys.exit(_main())

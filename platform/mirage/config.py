@@ -73,6 +73,12 @@ class SynthConfig(Section):
     planted_fraction: float = Field(
         0.6, ge=0, le=1, description="Fraction of parcels driven by a stimulus property; the rest is noise."
     )
+    segment_min_s: float = Field(
+        3.0, gt=0, description="Shortest segment over which a planted stimulus property stays constant (s)."
+    )
+    segment_max_s: float = Field(
+        8.0, gt=0, description="Longest segment over which a planted stimulus property stays constant (s)."
+    )
     seed: int = Field(0, description="Seed of everything random in the synthetic dataset.")
 
 
@@ -118,6 +124,11 @@ class TinyBackboneConfig(Section):
     vision_hidden: int = Field(32, ge=8, description="Vision encoder width.")
     audio_layers: int = Field(2, ge=1, description="Audio encoder layers.")
     audio_hidden: int = Field(32, ge=8, description="Audio encoder width.")
+    encoder_heads: int = Field(2, ge=1, description="Attention heads of the vision and audio encoders.")
+    ffn_mult: int = Field(2, ge=1, description="Feed-forward expansion of every block (and of each expert).")
+    patch_size: int = Field(16, ge=2, description="Vision patch size in pixels (frames resize to multiples of 2x this).")
+    video_max_pixels: int = Field(64 * 64, ge=64, description="Largest frame area (pixels) after the video processor's resize.")
+    mel_bins: int = Field(128, ge=8, description="Mel bins of the audio feature extractor.")
     seed: int = Field(0, description="Seed of the random weights.")
 
 
@@ -128,6 +139,9 @@ class FeaturesConfig(Section):
     backbone: Literal["tiny", "qwen3-omni"] = Field("qwen3-omni", description="Backbone registry name.")
     model_id: str = Field("Qwen/Qwen3-Omni-30B-A3B-Thinking", description="Checkpoint id or local path.")
     revision: str = Field("main", description="Checkpoint revision, recorded in the store key.")
+    local_files_only: bool = Field(
+        True, description="Load the checkpoint from the local Hugging Face cache or path only (no download race)."
+    )
     fusion: Literal["native", "posthoc"] = Field(
         "native", description="native: all modalities in one pass; posthoc: each modality alone."
     )
@@ -144,6 +158,8 @@ class FeaturesConfig(Section):
     cpus_per_actor: float = Field(1.0, ge=0, description="Logical CPUs per extraction actor.")
     batch_size: int = Field(1, ge=1, description="Work items per actor call.")
     cutoffs_per_item: int = Field(32, ge=1, description="Cutoffs in one work item (a span of one stimulus run).")
+    pass_batch: int = Field(1, ge=1, description="Cutoffs run through the backbone together in one padded forward pass.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads of torch per extraction process; 0 = torch default.")
     tiny: TinyBackboneConfig = Field(default_factory=TinyBackboneConfig, description="The tiny backbone.")
 
 
@@ -173,9 +189,40 @@ class ModelConfig(Section):
     attn_dropout: float = Field(0.0, ge=0, lt=1, description="Attention dropout of the brain encoder.")
     ff_dropout: float = Field(0.0, ge=0, lt=1, description="Feed-forward dropout of the brain encoder.")
     max_time_len: int = Field(1024, ge=1, description="Rows of the learned time position table.")
+    time_init_std: float = Field(0.02, gt=0, description="Std of the time position table initialisation.")
+    rotary_base: float = Field(10000.0, gt=1, description="Base of the rotary frequencies (first dim_head // 2 channels).")
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities_unique(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"expected one or more distinct modalities, got {v}")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"expected None or distinct layer indices, got {v}")
+        return v
 
 
 # ----------------------------------------------------------------------- training
+
+
+class BaselineConfig(Section):
+    """Ridge baselines (the Algonauts 2025 challenge recipe) on our feature store."""
+
+    hrf_delay_trs: int = Field(3, ge=0, description="Features end this many TRs before the predicted fMRI sample.")
+    stimulus_window: int = Field(5, ge=1, description="TRs of features concatenated per fMRI sample.")
+    pca_components: int = Field(250, ge=1, description="PCA components per modality (fit on the train split).")
+    alphas: list[float] = Field(
+        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6],
+        description="RidgeCV candidate alphas (one chosen per parcel, leave-one-out).",
+    )
+    challenge_layer: float = Field(
+        0.5, ge=0, le=1, description="Challenge baseline: the one layer per modality, as a fraction of depth."
+    )
 
 
 class TrainConfig(Section):
@@ -198,6 +245,7 @@ class TrainConfig(Section):
     name: str = Field("", description="Run name (storage folder); empty = derived from the config hash.")
     storage: str = Field("", description="Ray Train/Tune storage path; empty = <outputs>/ray_results.")
     loader_threads: int = Field(2, ge=0, description="Background threads prefetching batches.")
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig, description="Ridge baselines.")
 
 
 # ------------------------------------------------------------------- sweep / ensemble
@@ -224,6 +272,9 @@ class SweepConfig(Section):
     reduction_factor: int = Field(3, ge=2, description="ASHA reduction factor.")
     seed: int = Field(0, description="Seed of the TPE sampler.")
     n_startup_trials: int = Field(10, ge=1, description="TPE random trials before modelling.")
+    driver_cpus: float = Field(
+        1.0, ge=0, description="Logical CPUs of each trial's driver (its Train workers request their own)."
+    )
     space: dict[str, ParamSpec] = Field(
         default_factory=lambda: {
             "model.n_queries": ParamSpec(kind="choice", values=[8, 16, 24, 32]),
@@ -248,6 +299,9 @@ class EnsembleConfig(Section):
     )
     registry_name: str = Field("mirage", description="Model Registry name of the ensemble.")
     alias: str = Field("champion", description="Registry alias set on the new version.")
+    analysis: bool = Field(
+        True, description="Log interpretability artifacts (attention, ablations) of the best member."
+    )
 
 
 class TrackingConfig(Section):
@@ -277,7 +331,14 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1, description="@serve.batch size.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch wait.")
     max_payload_mb: float = Field(64.0, gt=0, description="Largest request body accepted.")
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (and per batch prediction actor).")
+    cpus_per_replica: float = Field(1.0, ge=0, description="Logical CPUs per replica (and per batch prediction actor).")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica accepts at once (queued into batches).")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Autoscaling target: ongoing requests per replica before scaling up."
+    )
+    window_batch: int = Field(16, ge=1, description="Windows per forward pass of the predictor.")
+    predict_actors: int = Field(1, ge=1, description="Ray Data actor pool size of batch prediction (`mirage predict`).")
 
 
 # --------------------------------------------------------------------------- root

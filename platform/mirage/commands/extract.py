@@ -1,3 +1,56 @@
 """``mirage extract`` and ``mirage features verify``."""
 
 from __future__ import annotations
+
+import argparse
+import sys
+
+from mirage.cli import command
+from mirage.config import Config
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="recompute stimuli already in the store")
+    p.add_argument("--local", action="store_true", help="run in this process instead of a Ray Data actor pool")
+    p.add_argument("--stimuli", nargs="+", default=None, metavar="ID", help="only these stimulus ids")
+
+
+@command("extract", "extract backbone features of every stimulus into the feature store", _extract_args)
+def extract(cfg: Config, a: argparse.Namespace) -> int:
+    if a.local:
+        from mirage.features.extract import extract_all
+
+        result = extract_all(cfg, stimuli=a.stimuli, overwrite=a.overwrite)
+    else:
+        from mirage.distributed.extract import run_extract
+
+        try:
+            result = run_extract(cfg, overwrite=a.overwrite, stimuli=a.stimuli, progress=lambda m: print(m, flush=True))
+        finally:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+    print(
+        f"feature store {result.store}: {len(result.written)} written, {len(result.skipped)} already stored, "
+        f"{len(result.failed)} failed ({result.cutoffs} cutoffs in {result.seconds:.1f} s)"
+    )
+    for sid, err in sorted(result.failed.items()):
+        print(f"mirage: error: stimulus {sid} failed: {err}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-checksums", action="store_true", help="check shapes only")
+
+
+@command("features verify", "check every file of the feature store against its manifest", _verify_args)
+def features_verify(cfg: Config, a: argparse.Namespace) -> int:
+    from mirage.features.store import open_store
+
+    store = open_store(cfg.features)
+    problems = store.verify(check_sums=not a.no_checksums)
+    for name, problem in sorted(problems.items()):
+        print(f"mirage: error: {problem}", file=sys.stderr)
+    print(f"feature store {store.root}: {len(store.stimuli())} stimuli, {len(problems)} problems")
+    return 0 if not problems else 1

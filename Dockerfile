@@ -1,0 +1,13 @@
+# The MIRAGE platform on the Ray 2.60 GPU image: one image for Ray head/workers, the RayJob
+# submitter, Serve and the MLflow server (PostgreSQL and S3 clients included).
+FROM rayproject/ray:2.60.0-py311-gpu
+
+WORKDIR /home/ray/mirage
+COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 platform ./platform
+COPY --chown=1000:100 configs ./configs
+COPY --chown=1000:100 jobs ./jobs
+RUN pip install --no-cache-dir -e . psycopg2-binary boto3
+
+USER 1000:100
+ENV PYTHONUNBUFFERED=1

@@ -1,0 +1,174 @@
+"""Extraction and feature-reader throughput, measured side by side in one run (not a test).
+
+    .venv/bin/python bench/extract.py [--seconds 120] [--out DIR]
+
+1. Writes a synthetic dataset (the demo layout, ``--seconds`` per run) and plans its work items.
+2. Plain loop: one in-process Extractor (tiny backbone) over every work item, arrays saved with
+   ``np.save``: cutoffs per second.
+3. The Ray Data pipeline (``run_extract``) on the same inputs with 1 and 2 actors, into fresh
+   stores: cutoffs per second, ratio to the plain loop, with and without its fixed start-up cost
+   (measured separately as the wall time of a one-cutoff job on a started Ray).
+4. Feature reader: training windows (``FeatureStore.read_window``) over every stored run, next
+   to a raw sequential read of the same files (both from the page cache): GB/s and ratio. Run on
+   the tiny store and on a store of paper-sized frames (3 x 49 x 2048 float16, random numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mirage.config import load_config, resolve_paths
+from mirage.data.windows import window_frames
+from mirage.distributed.cluster import init_ray
+from mirage.distributed.extract import run_extract
+from mirage.features.extract import Extractor, media_duration, plan_items, stimuli_of
+from mirage.features.store import FeatureStore, StoreWriter
+
+
+def plain_loop(cfg, items, out: Path) -> tuple[float, int]:
+    """The plainest way: one extractor in this process, item by item, one np.save per stimulus."""
+    t0 = time.perf_counter()
+    ex = Extractor(cfg.features)
+    parts: dict[str, list[np.ndarray]] = {}
+    for it in items:
+        parts.setdefault(it.stimulus_id, []).append(ex.extract_item(it))
+        if it.stop == it.n_frames:
+            np.save(out / f"{it.stimulus_id}.npy", np.concatenate(parts.pop(it.stimulus_id)))
+    return time.perf_counter() - t0, sum(it.stop - it.start for it in items)
+
+
+def pipeline(cfg, actors: int, store: Path) -> tuple[float, int]:
+    c = cfg.with_overrides({"features.actors": actors, "features.store": str(store)})
+    t0 = time.perf_counter()
+    result = run_extract(c)
+    assert result.ok, result.failed
+    return time.perf_counter() - t0, result.cutoffs
+
+
+def startup_cost(cfg, store: Path, plain_rate: float) -> tuple[float, float]:
+    """Fixed cost of a pipeline job on a started Ray: time until its first work item comes back
+    (actor start, backbone load, planning) minus that item's compute at the plain loop's rate.
+    Returns (fixed s, time to first item s)."""
+    first = sorted(stimuli_of(cfg))[0]
+    result = run_extract(cfg.with_overrides({"features.store": str(store)}), stimuli=[first])
+    item = min(cfg.features.cutoffs_per_item, result.cutoffs)
+    return max(result.first_result_s - item / plain_rate, 0.0), result.first_result_s
+
+
+def reader(store: FeatureStore, n_frames_window: int) -> tuple[float, float]:
+    """(window GB/s, raw sequential GB/s) over every stimulus of ``store``, page cache warm."""
+    files = [store.path(s) for s in store.stimuli()]
+    buf = bytearray(max(f.stat().st_size for f in files))
+    for f in files:  # warm the page cache
+        f.read_bytes()
+
+    def raw_pass() -> int:
+        total = 0
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                total += fh.readinto(buf)
+        return total
+
+    def window_pass() -> int:
+        total = 0
+        for s in store.stimuli():
+            n = store.n_frames(s)
+            for start in range(0, n, n_frames_window):  # stride = window: every frame once
+                w = store.read_window(s, start, start + n_frames_window)
+                total += (min(start + n_frames_window, n) - start) * w[0].nbytes
+        return total
+
+    return _best_rate(window_pass) / 1e9, _best_rate(raw_pass) / 1e9
+
+
+def _best_rate(fn, repeats: int = 5) -> float:
+    """Bytes per second of the fastest of ``repeats`` calls (the machine is shared)."""
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = fn()
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def paper_sized_store(cfg, root: Path, n_stimuli=3, n_frames=300) -> FeatureStore:
+    c = cfg.with_overrides({"features.store": str(root)})
+    w = StoreWriter(c.features)
+    rng = np.random.default_rng(0)
+    for i in range(n_stimuli):
+        w.write(f"paper{i}", rng.standard_normal((n_frames, 3, 49, 2048), dtype=np.float32).astype(np.float16))
+    return w.store()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=120.0, help="duration of every synthetic run")
+    ap.add_argument("--out", default=None, help="work directory (default: a temp dir, removed after)")
+    a = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    work = Path(a.out or tempfile.mkdtemp(prefix="mirage-bench-extract-"))
+    cfg = resolve_paths(load_config("demo", [f"outputs={work}", f"data.synth.seconds={a.seconds}",
+                                             "data.synth.parcels=8", "data.n_parcels=8"]))
+    try:
+        from mirage.data.synth import write_synthetic
+
+        if not Path(cfg.data.root).exists():
+            write_synthetic(cfg.data.root, cfg.data.synth, tr=cfg.data.tr)
+        items = [it for sid, (v, t) in stimuli_of(cfg).items()
+                 for it in plan_items(sid, v, t, cfg.features, media_duration(v))]
+        print(f"workload: {len(stimuli_of(cfg))} stimuli, {len(items)} work items, "
+              f"{sum(i.stop - i.start for i in items)} cutoffs; torch threads {cfg.features.torch_threads}")
+
+        plain_dir = work / "plain"
+        plain_dir.mkdir(exist_ok=True)
+        t_plain, n = plain_loop(cfg, items, plain_dir)
+        plain_rate = n / t_plain
+        print(f"plain loop       : {t_plain:7.1f} s  {plain_rate:6.1f} cutoffs/s  "
+              f"({1000 * t_plain / n:.1f} ms per cutoff, backbone load included)")
+
+        t0 = time.perf_counter()
+        init_ray(cfg.ray)
+        print(f"ray init         : {time.perf_counter() - t0:7.1f} s (once per process, not counted below)")
+        fixed, first = startup_cost(cfg, work / "store-startup", plain_rate)
+        print(f"pipeline fixed   : {fixed:7.1f} s  (first work item back after {first:.1f} s)")
+        runs = {}
+        for actors in (1, 2):
+            runs[actors] = pipeline(cfg, actors, work / f"store-{actors}")
+        t_again, _ = plain_loop(cfg, items, plain_dir)  # again: the machine's load drifts
+        print(f"plain loop again : {t_again:7.1f} s  {n / t_again:6.1f} cutoffs/s")
+        plain_rate = 2 * n / (t_plain + t_again)
+        print(f"plain loop mean  : {plain_rate:6.1f} cutoffs/s ({1000 / plain_rate:.1f} ms per cutoff)")
+        for actors, (t, n_p) in runs.items():
+            rate = n_p / t
+            steady = n_p / max(t - fixed, 1e-9)
+            print(f"ray data {actors} actor{'s' if actors > 1 else ' '}: {t:7.1f} s  {rate:6.1f} cutoffs/s  "
+                  f"ratio {rate / plain_rate:.2f}  (without fixed cost {steady / plain_rate:.2f})")
+
+        store = FeatureStore(next((work / "store-1").iterdir()))
+        frames = window_frames(cfg.data, cfg.features.rate_hz)
+        win, raw = reader(store, frames)
+        print(f"reader, tiny     : windows {win:6.2f} GB/s  raw {raw:6.2f} GB/s  ratio {win / raw:.2f}  "
+              f"({frames} frames x {store.read(store.stimuli()[0])[0].nbytes} B)")
+        big = paper_sized_store(cfg, work / "store-paper")
+        paper_frames = window_frames(load_config("paper").data, 2.0)
+        win, raw = reader(big, paper_frames)
+        print(f"reader, paper    : windows {win:6.2f} GB/s  raw {raw:6.2f} GB/s  ratio {win / raw:.2f}  "
+              f"({paper_frames} frames x {big.read('paper0')[0].nbytes} B)")
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if a.out is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

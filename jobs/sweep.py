@@ -1,0 +1,12 @@
+"""The main job: dataset and features, Tune sweep, ensemble, registry.
+
+``python jobs/sweep.py --config configs/demo.yaml`` (what ``make demo`` runs), or on a cluster
+``ray job submit ... -- python jobs/sweep.py --config configs/paper.yaml --set data.root=...``.
+"""
+
+import sys
+
+from mirage.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -1,0 +1,274 @@
+"""Ensemble stage: train the members with Ray Train, weight them, log and register one model.
+
+Members are the sweep's ``ensemble.top_k`` best configs times seeds (``ensemble.n_members``
+in all). A member whose config and seed equal a trial that ran every epoch is that trial's
+model (downloaded from its MLflow run), not a retraining. Weights are fitted on one part of the
+validation runs and the ensemble and every member are scored on the other part
+(:func:`mirage.ensemble.fit_ensemble`). The ensemble run (``mirage.kind=ensemble``) names its
+members' run ids and the weighting rule, holds the weights and the held-out metrics, the
+interpretability artifacts of the best member, and the ensemble directory as one pyfunc model
+registered under ``ensemble.registry_name`` with the alias ``ensemble.alias``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mirage.config import Config
+from mirage.distributed.sweep import SWEEP_TAG, SweepResult
+from mirage.ensemble import WEIGHTING_RULE, EnsembleFit, MemberSpec, choose_members, fit_ensemble, write_ensemble_dir
+from mirage.errors import MirageError
+
+
+@dataclass
+class Member:
+    """A trained member: its spec, its MLflow run and its exported model directory."""
+
+    spec: MemberSpec
+    run_id: str | None
+    model_dir: str
+    reused_trial: str | None = None
+
+
+@dataclass
+class EnsembleOutcome:
+    """What the ensemble stage produced."""
+
+    run_id: str
+    directory: str
+    model_uri: str
+    version: str
+    members: list[Member]
+    fit: EnsembleFit
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+# -------------------------------------------------------------- validation data
+
+
+def validation_runs(cfg: Config) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """subject -> run id -> (FmriRun, stimulus id) of the validation split.
+
+    The run id is the stimulus id (``#2``, ``#3`` appended when a subject saw it again).
+    """
+    from mirage.data.layout import Release
+    from mirage.data.splits import split_runs
+
+    out: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for run in split_runs(Release(cfg.data.root), cfg.data, "val"):
+        runs = out.setdefault(run.subject, {})
+        key, n = run.stimulus_id, 1
+        while key in runs:
+            n += 1
+            key = f"{run.stimulus_id}#{n}"
+        runs[key] = (run, run.stimulus_id)
+    if not out:
+        raise MirageError(f"no validation fMRI under {cfg.data.root} for data.val={cfg.data.val}")
+    return out
+
+
+def validation_targets(cfg: Config, runs) -> dict[str, dict[str, np.ndarray]]:
+    """subject -> run id -> (n_trs, n_parcels) fMRI, z-scored per run when ``data.zscore``."""
+    from mirage.data.fmri import load_fmri, zscore
+
+    return {
+        sub: {k: (zscore(load_fmri(r.path, r.key)) if cfg.data.zscore else load_fmri(r.path, r.key)) for k, (r, _) in rs.items()}
+        for sub, rs in runs.items()
+    }
+
+
+class LoadedMember:
+    """An exported model ready to predict validation runs (optionally with modalities dropped)."""
+
+    def __init__(self, model_dir: str | Path, store):
+        from mirage.model.export import load_exported
+        from mirage.train.data import selected_layers
+
+        self.model, self.cfg, self.meta = load_exported(model_dir)
+        self.model.eval()
+        self.layers = selected_layers(self.cfg, store.n_layers)
+        self.store = store
+        self.subjects = list(self.meta.get("subjects") or self.cfg.data.subjects)
+
+    def predict(self, runs, targets, drop: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
+        """subject -> run id -> (n_trs, n_parcels) predictions, n_trs as in ``targets``."""
+        from mirage.analysis import predict_run
+
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for sub, rs in runs.items():
+            for k, (_, stim) in rs.items():
+                y = predict_run(
+                    self.model, self.cfg, self.layers, self.store.read(stim), self.subjects.index(sub),
+                    len(targets[sub][k]), self.store.rate_hz, drop,
+                )
+                out.setdefault(sub, {})[k] = y
+        return out
+
+    def attention(self, runs, targets) -> dict[str, list[np.ndarray]]:
+        from mirage.analysis import attention_batches
+
+        out: dict[str, list[np.ndarray]] = {}
+        for sub, rs in runs.items():
+            for k, (_, stim) in rs.items():
+                for m, b in attention_batches(
+                    self.model, self.cfg, self.layers, self.store.read(stim), self.store.rate_hz, len(targets[sub][k])
+                ).items():
+                    out.setdefault(m, []).extend(b)
+            break  # the stimulus, not the subject, drives the attention: one subject suffices
+        return out
+
+
+# ------------------------------------------------------------------- members
+
+
+def member_name(cfg: Config, spec: MemberSpec) -> str:
+    """Train run name of a member: derived from its overrides and seed (rerunning reuses it)."""
+    key = json.dumps({"o": spec.overrides, "s": spec.seed, "sweep": cfg.sweep.name}, sort_keys=True, default=str)
+    return f"{cfg.sweep.name}-member-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _reusable_trials(cfg: Config, sweep: SweepResult) -> dict[str, Any]:
+    """Trials that ran every epoch and finished, keyed by trial id."""
+    return {
+        t.trial_id: t
+        for t in sweep.trials
+        if t.status == "TERMINATED" and not t.stopped_early and t.epochs >= cfg.train.epochs and t.run_id
+    }
+
+
+def _download_model(cfg: Config, run_id: str, dest: Path) -> str | None:
+    from mirage import tracking
+
+    try:
+        path = tracking.client(cfg.tracking.uri).download_artifacts(run_id, "model", str(dest))
+    except Exception:  # noqa: BLE001 - no exported model on that run: train the member instead
+        return None
+    return path if (Path(path) / "model.safetensors").is_file() else None
+
+
+def train_members(cfg: Config, specs: list[MemberSpec], sweep: SweepResult, parent_run_id: str, work: Path) -> list[Member]:
+    """Train (or reuse) every member; each new one is a ``train`` run nested under the ensemble run."""
+    from mirage import tracking
+    from mirage.distributed.train import run_training
+
+    reusable = _reusable_trials(cfg, sweep)
+    out = []
+    for spec in specs:
+        trial = reusable.get(spec.source)
+        if trial is not None and spec.seed == cfg.train.seed:
+            path = _download_model(cfg, trial.run_id, work / f"trial-{trial.trial_id}")
+            if path:
+                tracking.set_tags(cfg.tracking.uri, trial.run_id, {"mirage.ensemble_member_of": parent_run_id})
+                out.append(Member(spec, trial.run_id, path, reused_trial=trial.trial_id))
+                continue
+        mcfg = cfg.with_overrides({**spec.overrides, "train.seed": spec.seed})
+        res = run_training(
+            mcfg,
+            tracking_parent=parent_run_id,
+            name=member_name(cfg, spec),
+            tags={"mirage.ensemble_member": str(spec.index), "mirage.source_trial": spec.source},
+            kind="train",
+        )
+        if not res.model_dir:
+            raise MirageError(f"ensemble member {spec.index} ({res.name}) produced no exported model under {res.path}")
+        out.append(Member(spec, res.mlflow_run_id, res.model_dir))
+    return out
+
+
+# --------------------------------------------------------------------- driver
+
+
+def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
+    """Members -> weights (fit part) -> held-out scores -> directory -> MLflow run + registry."""
+    from mirage import tracking
+    from mirage.features.store import open_store
+
+    t0 = time.time()
+    ranked = sweep.ranked()
+    specs = choose_members(
+        [t.params for t in ranked], cfg.ensemble.top_k, cfg.ensemble.n_members, cfg.train.seed,
+        sources=[t.trial_id for t in ranked],
+    )
+    name = f"{cfg.sweep.name}-ensemble"
+    run_id = tracking.start_run(
+        cfg, "ensemble", name, tags={SWEEP_TAG: cfg.sweep.name, "mirage.sweep_run": sweep.parent_run_id,
+                                     "mirage.weighting": WEIGHTING_RULE},
+    )
+    uri = cfg.tracking.uri
+    try:
+        with tempfile.TemporaryDirectory(prefix="mirage-ensemble-") as tmp:
+            work = Path(tmp)
+            members = train_members(cfg, specs, sweep, run_id, work)
+            store = open_store(cfg.features)
+            runs = validation_runs(cfg)
+            targets = validation_targets(cfg, runs)
+            loaded = [LoadedMember(m.model_dir, store) for m in members]
+            per_member = [lm.predict(runs, targets) for lm in loaded]
+            subjects = [s for s in cfg.data.subjects if s in targets]
+            preds = {s: {k: np.stack([pm[s][k] for pm in per_member]) for k in targets[s]} for s in subjects}
+            fit = fit_ensemble(preds, targets, subjects, cfg.ensemble.fit_fraction, cfg.ensemble.temperature)
+            out_dir = Path(cfg.outputs) / "ensembles" / name
+            info = {
+                "temperature": cfg.ensemble.temperature,
+                "fit_stimuli": fit.fit_stimuli,
+                "score_stimuli": fit.score_stimuli,
+                "member_run_ids": [m.run_id for m in members],
+                "member_overrides": [m.spec.overrides for m in members],
+                "member_seeds": [m.spec.seed for m in members],
+                "sweep": cfg.sweep.name,
+                "mlflow_run_id": run_id,
+            }
+            write_ensemble_dir(out_dir, [m.model_dir for m in members], fit.weights, subjects, info)
+
+            metrics = fit.summary()
+            for i in range(len(members)):
+                metrics[f"member_r/{i}"] = float(fit.member_r[i].mean())
+            metrics["best_member"] = fit.best_member
+            tracking.log_metrics(uri, run_id, metrics, step=0)
+            tracking.set_tags(uri, run_id, {
+                "mirage.member_run_ids": ",".join(m.run_id or "" for m in members),
+                "mirage.n_members": len(members),
+                "mirage.temperature": cfg.ensemble.temperature,
+            })
+            arrays = work / "ensemble"
+            arrays.mkdir()
+            np.save(arrays / "weights.npy", fit.weights)
+            np.save(arrays / "member_r_heldout.npy", fit.member_r.astype(np.float32))
+            np.save(arrays / "ensemble_r_heldout.npy", fit.ensemble_r.astype(np.float32))
+            (arrays / "ensemble.json").write_text((out_dir / "ensemble.json").read_text())
+            tracking.log_artifacts(uri, run_id, arrays, "ensemble")
+            if cfg.ensemble.analysis:
+                _log_analysis(cfg, loaded[fit.best_member], runs, targets, subjects, work / "analysis", run_id)
+            version = tracking.log_pyfunc_model(cfg, run_id, out_dir)
+        tracking.end_run(uri, run_id, "FINISHED")
+    except BaseException as e:
+        tracking.end_run(uri, run_id, tracking.status_for(e))
+        raise
+    model_uri = f"models:/{cfg.ensemble.registry_name}@{cfg.ensemble.alias}"
+    return EnsembleOutcome(run_id, str(out_dir), model_uri, version, members, fit, metrics, time.time() - t0)
+
+
+def _log_analysis(cfg: Config, member: LoadedMember, runs, targets, subjects, out: Path, run_id: str) -> None:
+    """Interpretability artifacts of one member on every validation run, logged under ``analysis/``."""
+    from mirage import tracking
+    from mirage.analysis import analyze, write_analysis
+
+    from mirage.config import MODALITIES
+
+    modalities = [m for m in MODALITIES if m in member.cfg.model.modalities]  # store order: vision, audio, text
+    res = analyze(
+        lambda drop: member.predict(runs, targets, drop),
+        targets, subjects, modalities, attention=member.attention(runs, targets),
+    )
+    write_analysis(res, out)
+    tracking.log_artifacts(cfg.tracking.uri, run_id, out, "analysis")
+    tracking.log_metrics(cfg.tracking.uri, run_id, {f"subset_r/{k.replace('+', '_')}": v for k, v in res.subset_r.items()}, step=0)

@@ -1,0 +1,426 @@
+"""Ray Tune glue: an Optuna (TPE) + ASHA sweep whose trials each run a Ray Train job.
+
+Driver layer only: it builds the search space, the Tuner and the trial function. A trial is a
+Tune *function* (Train V2 pattern) that applies its sampled values to the base config with
+``cfg.with_overrides(params)`` and calls :func:`mirage.distributed.train.run_training`, which
+builds the ``TorchTrainer``; ``TuneReportCallback`` in that trainer's callbacks forwards every
+epoch's report to Tune, so ASHA sees each epoch.
+
+Resources: the trial function is only a driver (``sweep.driver_cpus`` logical CPUs); its Train
+workers reserve their own placement group from ``ScalingConfig``. Concurrency is capped by
+``sweep.max_concurrent`` and, on a local Ray, by what the logical CPUs can hold, so a trial never
+waits forever for its workers.
+
+Resume: the Tune state lives in ``<train.storage>/<sweep.name>``; running the same sweep again
+restores it with ``Tuner.restore`` (finished trials are kept, unfinished ones restart and their
+Train runs resume from their last checkpoint, because each trial's Train run is named after the
+trial id). The MLflow parent run id is kept beside it (``<sweep.name>.mirage.json``) and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mirage.config import Config, ConfigError, ParamSpec
+from mirage.errors import MirageError
+
+TRIAL_TAG = "mirage.trial_id"
+SWEEP_TAG = "mirage.sweep"
+
+
+# --------------------------------------------------------------- search space
+
+
+def tune_domain(key: str, spec: ParamSpec):
+    """One ``ParamSpec`` -> a Tune distribution (``tune.randint`` is exclusive: high + 1)."""
+    from ray import tune
+
+    if spec.kind == "choice":
+        if not spec.values:
+            raise ConfigError(f"sweep.space.{key}: kind 'choice' needs a non-empty 'values' list")
+        return tune.choice(list(spec.values))
+    if spec.low is None or spec.high is None or spec.low > spec.high:
+        raise ConfigError(f"sweep.space.{key}: kind {spec.kind!r} needs low <= high, got low={spec.low} high={spec.high}")
+    if spec.kind == "int":
+        return tune.randint(int(spec.low), int(spec.high) + 1)
+    if spec.kind == "float":
+        return tune.uniform(spec.low, spec.high)
+    if spec.low <= 0:
+        raise ConfigError(f"sweep.space.{key}: kind 'loguniform' needs low > 0, got {spec.low}")
+    return tune.loguniform(spec.low, spec.high)
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """``cfg.sweep.space`` as a Tune param space keyed by the same dotted paths as ``--set``.
+
+    Every key is checked against the config (a trial with an unknown key would fail late).
+    """
+    space = {}
+    for key, spec in cfg.sweep.space.items():
+        space[key] = tune_domain(key, spec)
+        probe = spec.values[0] if spec.kind == "choice" and spec.values else spec.low
+        if spec.kind == "int" and probe is not None:
+            probe = int(probe)
+        try:
+            cfg.with_overrides({key: probe})
+        except ConfigError as e:
+            raise ConfigError(f"sweep.space.{key}: not a valid config key or value ({e})") from None
+    if not space:
+        raise ConfigError("sweep.space is empty: declare at least one dotted key to search")
+    return space
+
+
+# --------------------------------------------------------------------- results
+
+
+@dataclass
+class TrialInfo:
+    """One trial as the sweep saw it."""
+
+    trial_id: str
+    params: dict[str, Any]
+    best: float | None
+    epochs: int
+    status: str  # TERMINATED | ERROR | ...
+    stopped_early: bool = False
+    run_id: str | None = None
+
+
+@dataclass
+class SweepResult:
+    """A finished (or interrupted) sweep."""
+
+    name: str
+    parent_run_id: str
+    experiment_path: str
+    metric: str
+    mode: str
+    trials: list[TrialInfo] = field(default_factory=list)
+    interrupted: bool = False
+    wall_s: float = 0.0
+
+    def ranked(self) -> list[TrialInfo]:
+        """Trials with a metric, best first."""
+        ok = [t for t in self.trials if t.best is not None and math.isfinite(t.best)]
+        return sorted(ok, key=lambda t: t.best, reverse=self.mode == "max")
+
+    @property
+    def best(self) -> TrialInfo | None:
+        r = self.ranked()
+        return r[0] if r else None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, default=str))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SweepResult":
+        d = json.loads(Path(path).read_text())
+        d["trials"] = [TrialInfo(**t) for t in d.get("trials", [])]
+        return cls(**d)
+
+
+def experiment_path(cfg: Config) -> Path:
+    """Tune experiment folder of the sweep."""
+    return Path(cfg.train.storage) / cfg.sweep.name
+
+
+def state_path(cfg: Config) -> Path:
+    """Side file holding the MLflow parent run id and, once done, the trial summary."""
+    return Path(cfg.train.storage) / f"{cfg.sweep.name}.mirage.json"
+
+
+def load_sweep(cfg: Config) -> SweepResult:
+    """The summary of a sweep that ran to the end, or a clear error."""
+    p = state_path(cfg)
+    if not p.is_file():
+        raise MirageError(f"no finished sweep {cfg.sweep.name!r} under {cfg.train.storage} ({p} missing): run `mirage sweep` first")
+    res = SweepResult.load(p)
+    if not res.trials:
+        raise MirageError(f"sweep {cfg.sweep.name!r} ({p}) has no trials recorded: rerun `mirage sweep` to finish it")
+    return res
+
+
+# ------------------------------------------------------------------ the trial
+
+
+def trial_train_name(sweep_name: str, trial_id: str) -> str:
+    """Train run name of a trial: stable across restarts, so its Train run resumes."""
+    return f"{sweep_name}-{trial_id}"
+
+
+def make_trial_fn(base: dict[str, Any], parent_run_id: str):
+    """The Tune function of one trial (a closure over the base config tree and the parent run)."""
+
+    def mirage_trial(params: dict[str, Any]) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from mirage.distributed.train import run_training
+
+        trial_id = tune.get_context().get_trial_id()
+        cfg = Config.model_validate(base).with_overrides(dict(params))
+        run_training(
+            cfg,
+            callbacks=[TuneReportCallback()],
+            tracking_parent=parent_run_id,
+            name=trial_train_name(cfg.sweep.name, trial_id),
+            tags={TRIAL_TAG: trial_id, SWEEP_TAG: cfg.sweep.name},
+            kind="trial",
+        )
+
+    return mirage_trial
+
+
+# ------------------------------------------------------------------ resources
+
+
+def trial_cpus(cfg: Config) -> float:
+    """Logical CPUs one trial holds: its driver plus its Train workers."""
+    return cfg.sweep.driver_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker
+
+
+def concurrency(cfg: Config, cluster_cpus: float | None) -> int:
+    """Trials at once: ``sweep.max_concurrent``, capped by what ``cluster_cpus`` can hold.
+
+    Raises:
+        MirageError: not even one trial fits (it would wait forever for its workers).
+    """
+    need = trial_cpus(cfg)
+    if cluster_cpus is None or need <= 0:
+        return cfg.sweep.max_concurrent
+    fit = int(cluster_cpus // need)
+    if fit < 1:
+        raise MirageError(
+            f"one trial needs {need:g} logical CPUs (sweep.driver_cpus + train.num_workers x "
+            f"train.cpus_per_worker) but Ray has {cluster_cpus:g}: raise ray.num_cpus or lower those"
+        )
+    return min(cfg.sweep.max_concurrent, fit)
+
+
+# --------------------------------------------------------------------- driver
+
+
+def asha(cfg: Config):
+    """ASHA over epochs whose rungs all lie before the last epoch.
+
+    A trial that reaches its last epoch is never stopped by the scheduler
+    (``stop_last_trials=False``, rungs below ``train.epochs``): it returns on its own, so its
+    training run exports and logs its model and closes its MLflow run. With one epoch there is
+    nothing to stop early (FIFO).
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    last_rung = cfg.train.epochs - 1
+    if last_rung < 1:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=last_rung,
+        grace_period=min(cfg.sweep.grace_period, last_rung),
+        reduction_factor=cfg.sweep.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+def build_tuner(cfg: Config, parent_run_id: str, restore: bool):
+    """A fresh Tuner, or one restored from the sweep's saved Tune state."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    import ray
+
+    local = not (os.environ.get("RAY_ADDRESS") or cfg.ray.address)
+    cpus = ray.cluster_resources().get("CPU") if local else None
+    n_conc = concurrency(cfg, cpus)
+    fn = make_trial_fn(cfg.to_dict(), parent_run_id)
+    trainable = tune.with_resources(fn, {"cpu": cfg.sweep.driver_cpus})
+    path = experiment_path(cfg)
+    if restore:
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    sampler = optuna.samplers.TPESampler(seed=cfg.sweep.seed, n_startup_trials=cfg.sweep.n_startup_trials)
+    searcher = OptunaSearch(metric=cfg.sweep.metric, mode=cfg.sweep.mode, sampler=sampler)
+    scheduler = asha(cfg)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=cfg.sweep.metric,
+            mode=cfg.sweep.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=cfg.sweep.num_samples,
+            max_concurrent_trials=n_conc,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.sweep.name,
+            storage_path=str(Path(cfg.train.storage)),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def saved_trials(cfg: Config) -> list[TrialInfo]:
+    """Every trial of the sweep with the status Tune saved last.
+
+    Read back from the experiment state on disk: after a Ctrl-C, Tune stops the running
+    trials in memory but the saved state still shows them unfinished (they resume).
+    """
+    from ray.tune import ExperimentAnalysis
+
+    ea = ExperimentAnalysis(str(experiment_path(cfg)), default_metric=cfg.sweep.metric, default_mode=cfg.sweep.mode)
+    metric, mode = cfg.sweep.metric, cfg.sweep.mode
+    out = []
+    for trial in ea.trials:
+        df = ea.trial_dataframes.get(trial.trial_id)
+        best, epochs = None, 0
+        if df is not None and metric in df.columns and len(df):
+            col = df[metric].dropna()
+            best = float(col.max() if mode == "max" else col.min()) if len(col) else None
+            # epochs trained, also across a restart that resumed the trial's Train run
+            epochs = int(df["epoch"].max()) + 1 if "epoch" in df.columns else int(df["training_iteration"].max())
+        params = {k: v for k, v in (trial.config or {}).items() if k in cfg.sweep.space}
+        out.append(
+            TrialInfo(
+                trial_id=trial.trial_id,
+                params=params,
+                best=best,
+                epochs=epochs,
+                status=str(trial.status),
+                stopped_early=str(trial.status) == "TERMINATED" and epochs < cfg.train.epochs,
+            )
+        )
+    return out
+
+
+def run_sweep(cfg: Config) -> SweepResult:
+    """Run (or resume) the sweep; Ray must be initialised. Tracks it as an MLflow parent run.
+
+    A sweep that already ran to the end is returned from its saved summary (nothing reruns).
+    ``interrupted`` is set when Tune was stopped (Ctrl-C) before every trial finished; running
+    the same sweep again resumes it.
+    """
+    from ray import tune
+
+    from mirage import tracking
+
+    t0 = time.time()
+    uri = cfg.tracking.uri
+    path, side = experiment_path(cfg), state_path(cfg)
+    restore = tune.Tuner.can_restore(str(path))
+    state = json.loads(side.read_text()) if side.is_file() else {}
+    if restore and state.get("trials") and state.get("parent_run_id"):
+        return SweepResult.load(side)  # finished before: nothing to rerun
+    parent = state.get("parent_run_id") if restore else None
+    if parent and tracking.reopen_run(uri, parent):
+        tracking.close_stale_children(cfg.tracking, parent)  # trials cut off by the interruption
+    else:
+        parent = tracking.start_run(cfg, "sweep", cfg.sweep.name, tags={SWEEP_TAG: cfg.sweep.name})
+    side.parent.mkdir(parents=True, exist_ok=True)
+    side.write_text(json.dumps({"name": cfg.sweep.name, "parent_run_id": parent}))
+    status = "FAILED"
+    res = SweepResult(cfg.sweep.name, parent, str(path), cfg.sweep.metric, cfg.sweep.mode)
+    try:
+        build_tuner(cfg, parent, restore).fit()
+        res.trials = saved_trials(cfg)
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in res.trials)
+        res.interrupted = done < cfg.sweep.num_samples
+        res.wall_s = time.time() - t0
+        runs = tracking.finish_trial_runs(cfg.tracking, parent, res.trials, TRIAL_TAG)
+        for t in res.trials:
+            t.run_id = runs.get(t.trial_id)
+        if res.interrupted:
+            status = "KILLED"
+            return res
+        best = res.best
+        if best is None:
+            raise MirageError(
+                f"sweep {cfg.sweep.name!r}: no trial reported {cfg.sweep.metric!r} "
+                f"({[t.status for t in res.trials]}); see the trial logs under {path}"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            write_sweep_artifacts(cfg, res, Path(tmp))
+            tracking.log_artifacts(uri, parent, tmp, "sweep")
+        metrics = {f"best_{cfg.sweep.metric}": best.best, "n_trials": len(res.trials), "wall_s": res.wall_s}
+        tracking.log_metrics(uri, parent, metrics, step=0)
+        tracking.set_tags(uri, parent, {"mirage.best_trial": best.trial_id, "mirage.best_run": best.run_id or ""})
+        res.save(side)
+        status = "FINISHED"
+        return res
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(uri, parent, status)
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+def write_sweep_artifacts(cfg: Config, res: SweepResult, out: Path) -> list[Path]:
+    """Best config (YAML), the trial table (JSON) and plots of the search (PNG) into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    best = res.best
+    cfg.with_overrides(dict(best.params)).dump(out / "best_config.yaml")
+    (out / "trials.json").write_text(json.dumps([asdict(t) for t in res.trials], indent=2, default=str))
+
+    scored = [t for t in res.trials if t.best is not None]
+    vals = np.array([t.best for t in scored], dtype=float)
+    running = np.maximum.accumulate(vals) if res.mode == "max" else np.minimum.accumulate(vals)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(np.arange(len(vals)), vals, "o", label="trial")
+    ax.plot(np.arange(len(vals)), running, "-", label=f"best so far ({res.mode})")
+    ax.set(xlabel="trial (order started)", ylabel=res.metric, title=f"Sweep {res.name}: objective")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "objective.png", dpi=100)
+    plt.close(fig)
+
+    imp = parameter_importance(scored, list(cfg.sweep.space))
+    (out / "importance.json").write_text(json.dumps(imp, indent=2))
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh(list(imp), list(imp.values()))
+    ax.set(xlabel=f"|Spearman rho| with {res.metric}", title="Parameter importance")
+    fig.tight_layout()
+    fig.savefig(out / "importance.png", dpi=100)
+    plt.close(fig)
+    return sorted(out.iterdir())
+
+
+def parameter_importance(trials: list[TrialInfo], keys: list[str]) -> dict[str, float]:
+    """|Spearman rank correlation| between each parameter and the trial's best metric.
+
+    Categorical values are ranked by their order of first appearance; 0 where a parameter or
+    the metric does not vary (or fewer than 3 trials).
+    """
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    y = np.array([t.best for t in trials], dtype=float)
+    out = {}
+    for k in keys:
+        raw = [t.params.get(k) for t in trials]
+        try:
+            x = np.array(raw, dtype=float)
+        except (TypeError, ValueError):
+            codes = {v: i for i, v in enumerate(dict.fromkeys(map(str, raw)))}
+            x = np.array([codes[str(v)] for v in raw], dtype=float)
+        if len(y) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+            out[k] = 0.0
+        else:
+            out[k] = float(abs(spearmanr(x, y).statistic))
+    return out

@@ -1,0 +1,92 @@
+"""The backbone interface and the name -> loader registry.
+
+A backbone is a Qwen3-Omni thinker (``Qwen3OmniMoeThinkerForConditionalGeneration``) with its
+processor. Extraction only needs what :class:`Backbone` holds: the model, the processor, the
+modality token ids read from the *loaded* model config, and processor keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mirage.config import ConfigError, FeaturesConfig
+
+
+@dataclass
+class Backbone:
+    """A loaded thinker and processor, ready for forward passes.
+
+    ``n_layers`` counts the hidden states kept per token: embeddings + every decoder layer.
+    """
+
+    name: str
+    model: Any  # Qwen3OmniMoeThinkerForConditionalGeneration, eval mode
+    processor: Any  # Qwen3OmniMoeProcessor
+    video_token_id: int
+    audio_token_id: int
+    n_layers: int
+    dim: int
+    spatial_merge_size: int
+    device: str
+    video_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_loaded(cls, name: str, model: Any, processor: Any, video_kwargs: dict[str, Any] | None = None) -> "Backbone":
+        """Wrap a loaded model and processor; token ids and sizes come from ``model.config``."""
+        cfg = model.config
+        text = cfg.text_config
+        return cls(
+            name=name,
+            model=model,
+            processor=processor,
+            video_token_id=int(cfg.video_token_id),
+            audio_token_id=int(cfg.audio_token_id),
+            n_layers=int(text.num_hidden_layers) + 1,
+            dim=int(text.hidden_size),
+            spatial_merge_size=int(cfg.vision_config.spatial_merge_size),
+            device=str(next(model.parameters()).device),
+            video_kwargs=dict(video_kwargs or {}),
+        )
+
+    def check_processor(self) -> None:
+        """The processor's placeholder tokens must map to the model config's token ids."""
+        tok = self.processor.tokenizer
+        for what, token, expected in (
+            ("video", self.processor.video_token, self.video_token_id),
+            ("audio", self.processor.audio_token, self.audio_token_id),
+        ):
+            got = tok.convert_tokens_to_ids(token)
+            if got != expected:
+                raise ConfigError(
+                    f"backbone {self.name}: processor {what} token {token!r} has id {got}, "
+                    f"but the model config expects {what}_token_id={expected}"
+                )
+
+
+Loader = Callable[[FeaturesConfig], Backbone]
+
+
+def _load_tiny(cfg: FeaturesConfig) -> Backbone:
+    from mirage.features.tiny import load_tiny
+
+    return load_tiny(cfg)
+
+
+def _load_qwen3_omni(cfg: FeaturesConfig) -> Backbone:
+    from mirage.features.qwen3_omni import load_qwen3_omni
+
+    return load_qwen3_omni(cfg)
+
+
+BACKBONES: dict[str, Loader] = {"tiny": _load_tiny, "qwen3-omni": _load_qwen3_omni}
+
+
+def load_backbone(cfg: FeaturesConfig) -> Backbone:
+    """Load the backbone named by ``cfg.backbone`` (see :data:`BACKBONES`)."""
+    if cfg.backbone not in BACKBONES:
+        raise ConfigError(f"features.backbone: unknown backbone {cfg.backbone!r}; expected one of {sorted(BACKBONES)}")
+    backbone = BACKBONES[cfg.backbone](cfg)
+    backbone.check_processor()
+    return backbone

@@ -1,0 +1,398 @@
+"""The feature store: one directory per extraction key, one float16 array per stimulus.
+
+Layout::
+
+    <features.store>/<key>/manifest.json
+    <features.store>/<key>/<stimulus_id>.npy     float16 (n_frames, 3, n_layers, dim)
+
+Axis 1 holds the modalities in the order vision, audio, text (``mirage.config.MODALITIES``).
+The key hashes backbone id + revision + every extraction parameter, so features written with
+other parameters live elsewhere; a manifest whose parameters differ from the config is refused.
+Arrays appear atomically (written to a temporary name, fsynced, renamed) and are recorded in the
+manifest (shape, checksum) only after the rename: a stimulus counts as stored when both exist.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mirage.config import MODALITIES, FeaturesConfig
+from mirage.errors import FeatureStoreError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_PARAM_FIELDS = (
+    "backbone", "model_id", "revision", "fusion", "rate_hz", "video_seconds", "video_fps", "max_frames",
+    "audio_seconds", "audio_rate", "max_words", "dtype",
+)
+
+
+def extraction_params(cfg: FeaturesConfig) -> dict[str, Any]:
+    """Every setting that changes the stored numbers (the tiny backbone's sizes included)."""
+    params: dict[str, Any] = {f: getattr(cfg, f) for f in _PARAM_FIELDS}
+    if cfg.backbone == "tiny":
+        params["tiny"] = cfg.tiny.model_dump(mode="json")
+    params["format"] = FORMAT_VERSION
+    return params
+
+
+def store_key(cfg: FeaturesConfig) -> str:
+    """``<backbone>-<12 hex>``: a hash of backbone id + revision + extraction parameters."""
+    blob = json.dumps(extraction_params(cfg), sort_keys=True, separators=(",", ":"))
+    return f"{cfg.backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def store_path(cfg: FeaturesConfig) -> Path:
+    """Directory of the store for this config (``cfg.store`` must be resolved)."""
+    if not cfg.store:
+        raise FeatureStoreError("features.store is empty; expected a directory (run resolve_paths on the config)")
+    return Path(cfg.store) / store_key(cfg)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the features."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "tokenizers", "numpy", "av", "mirage-platform"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """Read access to one store directory (``<features.store>/<key>``); arrays are memory-mapped."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FeatureStoreError(f"{self.root}: no {MANIFEST}; expected a feature store written by `mirage extract`")
+        try:
+            self.manifest: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FeatureStoreError(f"{path}: unreadable manifest ({e})") from None
+        self.key: str = self.manifest.get("key", self.root.name)
+        self._maps: dict[str, np.memmap] = {}
+        self._views: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"], state["_views"] = {}, {}  # maps reopen lazily; never pickle mapped data
+        return state
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.root)!r}, {len(self.stimuli())} stimuli)"
+
+    # --- facts
+
+    @property
+    def rate_hz(self) -> float:
+        """Feature frames per second."""
+        return float(self.manifest["rate_hz"])
+
+    @property
+    def n_layers(self) -> int:
+        """Hidden states per modality (embeddings + every layer)."""
+        return int(self._shape_fact("n_layers"))
+
+    @property
+    def dim(self) -> int:
+        """Feature width."""
+        return int(self._shape_fact("dim"))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Extraction parameters the store was written with."""
+        return dict(self.manifest["params"])
+
+    def _shape_fact(self, name: str) -> int:
+        value = self.manifest.get(name)
+        if value is None:
+            raise FeatureStoreError(f"{self.root}: the store holds no stimulus yet, so {name} is unknown")
+        return value
+
+    def stimuli(self) -> list[str]:
+        """Stored stimulus ids, sorted."""
+        return sorted(self.manifest.get("stimuli", {}))
+
+    def has(self, stimulus_id: str) -> bool:
+        """Whether the stimulus is recorded in the manifest and its file exists."""
+        return stimulus_id in self.manifest.get("stimuli", {}) and self.path(stimulus_id).is_file()
+
+    def path(self, stimulus_id: str) -> Path:
+        """File of a stimulus."""
+        return self.root / f"{stimulus_id}.npy"
+
+    def n_frames(self, stimulus_id: str) -> int:
+        """Feature frames of a stored stimulus."""
+        return int(self._entry(stimulus_id)["shape"][0])
+
+    def _entry(self, stimulus_id: str) -> dict[str, Any]:
+        entry = self.manifest.get("stimuli", {}).get(stimulus_id)
+        if entry is None:
+            raise FeatureStoreError(
+                f"{self.root}: stimulus {stimulus_id!r} is not in the store (has {len(self.stimuli())} stimuli); "
+                "run `mirage extract` for it"
+            )
+        return entry
+
+    # --- reading
+
+    def read(self, stimulus_id: str) -> np.memmap:
+        """Memory-mapped float16 (n_frames, 3, n_layers, dim); nothing is read until indexed.
+
+        The map is opened once per stimulus and kept (training reads many windows of each run).
+        """
+        cached = self._maps.get(stimulus_id)
+        if cached is not None:
+            return cached
+        entry = self._entry(stimulus_id)
+        path = self.path(stimulus_id)
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise FeatureStoreError(f"{path}: unreadable feature file ({e})") from None
+        if list(arr.shape) != list(entry["shape"]) or arr.dtype != np.float16:
+            raise FeatureStoreError(
+                f"{path}: shape {arr.shape} {arr.dtype}, the manifest says {tuple(entry['shape'])} float16"
+            )
+        self._maps[stimulus_id] = arr
+        return arr
+
+    def read_window(self, stimulus_id: str, start: int, stop: int, layers: list[int] | None = None) -> np.ndarray:
+        """Frames [start, stop) as float16 (stop - start, 3, n_layers', dim), zeros outside the run.
+
+        ``layers`` selects hidden states (indices into the layer axis); None keeps all.
+        """
+        arr = self._views.get(stimulus_id)
+        if arr is None:
+            arr = self._views[stimulus_id] = self.read(stimulus_id).view(np.ndarray)  # no memmap overhead per slice
+        n = arr.shape[0]
+        lo, hi = min(max(start, 0), n), max(min(stop, n), 0)
+        if start >= 0 and stop <= n and layers is None:
+            return np.array(arr[start:stop])  # inside the run: one copy out of the map
+        n_l = arr.shape[2] if layers is None else len(layers)
+        out = np.zeros((stop - start, 3, n_l, arr.shape[3]), dtype=np.float16)  # (T, 3, L, D)
+        if hi > lo:
+            out[lo - start: hi - start] = arr[lo:hi] if layers is None else arr[lo:hi][:, :, layers]
+        return out
+
+    # --- checking
+
+    def verify(self, check_sums: bool = True) -> dict[str, str]:
+        """Check every recorded stimulus against the manifest; returns {stimulus_id: problem}."""
+        problems: dict[str, str] = {}
+        for sid, entry in self.manifest.get("stimuli", {}).items():
+            path = self.path(sid)
+            if not path.is_file():
+                problems[sid] = f"{path}: missing"
+                continue
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                problems[sid] = f"{path}: unreadable ({e})"
+                continue
+            if list(arr.shape) != list(entry["shape"]) or arr.dtype != np.float16:
+                problems[sid] = f"{path}: shape {arr.shape} {arr.dtype}, expected {tuple(entry['shape'])} float16"
+            elif check_sums and file_sha256(path) != entry["sha256"]:
+                problems[sid] = f"{path}: checksum differs from the manifest"
+        for tmp in self.root.glob("*.tmp-*"):
+            problems[tmp.name] = f"{tmp}: leftover partial file"
+        return problems
+
+
+class StoreWriter:
+    """The single writer of a store directory: creates the manifest and adds arrays atomically.
+
+    Holds an exclusive lock on ``<store>/.lock`` until closed (or until its process ends), so two
+    extraction jobs never write one store at once.
+    """
+
+    def __init__(self, cfg: FeaturesConfig):
+        self.cfg = cfg
+        self.root = store_path(cfg)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise FeatureStoreError(
+                f"{self.root}: another extraction is writing this store; expected one writer at a time"
+            ) from None
+        try:
+            self._open_manifest(cfg)
+        except BaseException:
+            self.close()
+            raise
+        for tmp in self.root.glob("*.tmp-*"):  # partial files of an interrupted run
+            tmp.unlink(missing_ok=True)
+
+    def _open_manifest(self, cfg: FeaturesConfig) -> None:
+        params = extraction_params(cfg)
+        path = self.root / MANIFEST
+        if path.is_file():
+            self.manifest = FeatureStore(self.root).manifest
+            _check_params(self.root, self.manifest, params)
+        else:
+            self.manifest = {
+                "key": self.root.name,
+                "backbone": cfg.backbone,
+                "model_id": cfg.model_id,
+                "revision": cfg.revision,
+                "params": params,
+                "rate_hz": cfg.rate_hz,
+                "dtype": "float16",
+                "modalities": list(MODALITIES),
+                "n_layers": None,
+                "dim": None,
+                "libraries": library_versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "stimuli": {},
+            }
+            _write_json_atomic(path, self.manifest)
+
+    def close(self) -> None:
+        """Release the store's lock."""
+        if not self._lock.closed:
+            self._lock.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def store(self) -> FeatureStore:
+        """A reader of the current state."""
+        return FeatureStore(self.root)
+
+    def has(self, stimulus_id: str) -> bool:
+        """Recorded in the manifest and present on disk."""
+        return stimulus_id in self.manifest["stimuli"] and (self.root / f"{stimulus_id}.npy").is_file()
+
+    def write(self, stimulus_id: str, features: np.ndarray) -> Path:
+        """Store float16 (n_frames, 3, n_layers, dim) atomically, then record it in the manifest."""
+        features = np.asarray(features)
+        part = self.begin(stimulus_id, features.shape)
+        try:
+            part.put(0, features)
+        except BaseException:
+            part.abort()
+            raise
+        return part.commit()
+
+    def begin(self, stimulus_id: str, shape: tuple[int, ...]) -> "PartialWrite":
+        """Start writing a stimulus span by span into a temporary file (bounded memory)."""
+        shape = tuple(int(x) for x in shape)
+        if len(shape) != 4 or shape[1] != len(MODALITIES):
+            raise FeatureStoreError(f"{stimulus_id}: features of shape {shape}, expected (n_frames, 3, n_layers, dim)")
+        for name, value in (("n_layers", shape[2]), ("dim", shape[3])):
+            known = self.manifest.get(name)
+            if known is not None and known != value:
+                raise FeatureStoreError(f"{stimulus_id}: {name}={value}, but the store at {self.root} has {known}")
+        return PartialWrite(self, stimulus_id, shape)
+
+    def _record(self, stimulus_id: str, path: Path, shape: tuple[int, ...]) -> None:
+        self.manifest["n_layers"], self.manifest["dim"] = int(shape[2]), int(shape[3])
+        self.manifest["stimuli"][stimulus_id] = {
+            "shape": list(shape),
+            "sha256": file_sha256(path),
+            "bytes": path.stat().st_size,
+        }
+        _write_json_atomic(self.root / MANIFEST, self.manifest)
+
+    def forget(self, stimulus_id: str) -> None:
+        """Drop a stimulus (``--overwrite``): out of the manifest first, then off the disk."""
+        if self.manifest["stimuli"].pop(stimulus_id, None) is not None:
+            _write_json_atomic(self.root / MANIFEST, self.manifest)
+        (self.root / f"{stimulus_id}.npy").unlink(missing_ok=True)
+
+
+class PartialWrite:
+    """A stimulus being written: spans go into ``<id>.npy.tmp-<pid>``; ``commit`` renames it into place."""
+
+    def __init__(self, writer: StoreWriter, stimulus_id: str, shape: tuple[int, ...]):
+        self.writer, self.stimulus_id, self.shape = writer, stimulus_id, shape
+        self.path = writer.root / f"{stimulus_id}.npy"
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._arr = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16, shape=shape)
+
+    def put(self, start: int, features: np.ndarray) -> None:
+        """Write frames [start, start + len(features)); float16 (n, 3, n_layers, dim)."""
+        features = np.asarray(features)
+        if features.ndim != 4 or features.shape[1:] != self.shape[1:] or start < 0 or start + len(features) > self.shape[0]:
+            raise FeatureStoreError(
+                f"{self.stimulus_id}: span of shape {features.shape} at frame {start} does not fit {self.shape}"
+            )
+        if not np.isfinite(features).all():
+            raise FeatureStoreError(f"{self.stimulus_id}: features hold NaN or inf (float16 overflow?); not stored")
+        self._arr[start: start + len(features)] = features
+
+    def commit(self) -> Path:
+        """Flush, fsync, rename into place, record in the manifest."""
+        self._arr.flush()
+        del self._arr
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        self.writer._record(self.stimulus_id, self.path, self.shape)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        self.__dict__.pop("_arr", None)
+        self.tmp.unlink(missing_ok=True)
+
+
+def _check_params(root: Path, manifest: dict[str, Any], params: dict[str, Any]) -> None:
+    stored = manifest.get("params")
+    if stored != params:
+        diff = sorted(k for k in set(stored or {}) | set(params) if (stored or {}).get(k) != params.get(k))
+        raise FeatureStoreError(
+            f"{root}: written with other extraction parameters (differ in {diff}); "
+            "refusing to mix features. Expected a store whose manifest matches the config."
+        )
+
+
+def open_store(cfg: FeaturesConfig, must_exist: bool = True) -> FeatureStore | None:
+    """The store of this config, checked against its parameters; None if absent and not ``must_exist``."""
+    root = store_path(cfg)
+    if not (root / MANIFEST).is_file():
+        if must_exist:
+            raise FeatureStoreError(
+                f"{root}: no feature store for key {root.name} (backbone {cfg.backbone}); run `mirage extract` first"
+            )
+        return None
+    store = FeatureStore(root)
+    _check_params(root, store.manifest, extraction_params(cfg))
+    return store

@@ -1,0 +1,159 @@
+"""Algonauts submission files: the official format, portability to numpy < 2, the scoring rule."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr
+
+from mirage.errors import DataError
+from mirage.submission import (
+    npy_bytes,
+    read_predictions,
+    read_submission,
+    score_predictions,
+    write_predictions,
+    write_submission,
+)
+
+TARGETS = {"sub-01": {"chaplin1": 30, "chaplin2": 25, "wot1": 20}, "sub-02": {"chaplin1": 30, "chaplin2": 25, "wot1": 20}}
+
+
+def _preds(targets=TARGETS, parcels=7, seed=0):
+    rng = np.random.default_rng(seed)
+    return {s: {k: rng.standard_normal((n, parcels)).astype(np.float64) for k, n in c.items()} for s, c in targets.items()}
+
+
+class _OfficialUnpickler(pickle.Unpickler):
+    """What numpy 1.x can resolve: anything under numpy._core (numpy >= 2 only) fails here."""
+
+    ALLOWED = {("numpy", "array"), ("numpy", "ndarray"), ("builtins", "bytearray")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} would not load under numpy < 2")
+        return super().find_class(module, name)
+
+
+def load_official(path):
+    """Follows the official format: one .npy in the zip, np.load(allow_pickle=True).item(), dict of dicts."""
+    with zipfile.ZipFile(path) as zf:
+        (name,) = zf.namelist()
+        raw = zf.read(name)
+    assert name in ("fmri_predictions_friends_s7.npy", "fmri_predictions_ood.npy")
+    version = np.lib.format.read_magic(io.BytesIO(raw))
+    fp = io.BytesIO(raw)
+    np.lib.format.read_magic(fp)
+    header = np.lib.format.read_array_header_1_0(fp) if version == (1, 0) else np.lib.format.read_array_header_2_0(fp)
+    assert header == ((), False, np.dtype("O"))
+    portable = _OfficialUnpickler(fp).load()
+    data = np.load(io.BytesIO(raw), allow_pickle=True).item()
+    assert isinstance(data, dict) and portable.item().keys() == data.keys()
+    for sub, chunks in data.items():
+        assert sub.startswith("sub-0") and isinstance(chunks, dict)
+        for key, arr in chunks.items():
+            assert isinstance(arr, np.ndarray) and arr.dtype == np.float32 and arr.ndim == 2
+            assert np.isfinite(arr).all()
+            np.testing.assert_array_equal(portable.item()[sub][key], arr)
+    return name, data
+
+
+def test_submission_round_trip_in_the_official_format(tmp_path):
+    preds = _preds()
+    path = write_submission(preds, "ood", tmp_path, TARGETS)
+    assert path.name == "fmri_predictions_ood.zip"
+    name, data = load_official(path)
+    assert name == "fmri_predictions_ood.npy"
+    for s, chunks in TARGETS.items():
+        for k, n in chunks.items():
+            assert data[s][k].shape == (n, 7)
+            np.testing.assert_array_equal(data[s][k], preds[s][k].astype(np.float32))
+    split, again = read_submission(path)
+    assert split == "ood" and again.keys() == data.keys()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_plain_numpy2_pickle_is_what_the_portable_writer_avoids():
+    arr = np.zeros((2, 3), np.float32)
+    plain = pickle.dumps(np.array({"sub-01": {"x": arr}}, dtype=object), protocol=3)
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):
+        _OfficialUnpickler(io.BytesIO(plain)).load()
+    raw = npy_bytes({"sub-01": {"x": arr}})
+    fp = io.BytesIO(raw)
+    np.lib.format.read_magic(fp)
+    np.lib.format.read_array_header_1_0(fp)
+    assert _OfficialUnpickler(fp).load().item()["sub-01"]["x"].shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda p: p.pop("sub-02"), "missing"),
+        (lambda p: p.__setitem__("sub-09", p["sub-01"]), "unexpected"),
+        (lambda p: p["sub-01"].pop("wot1"), "missing"),
+        (lambda p: p["sub-01"].__setitem__("wot9", np.zeros((3, 7))), "unexpected"),
+        (lambda p: p["sub-01"].__setitem__("wot1", np.zeros((19, 7))), "shape"),
+        (lambda p: p["sub-01"].__setitem__("wot1", np.zeros((20, 6))), "parcels"),
+        (lambda p: p["sub-01"].__setitem__("wot1", np.full((20, 7), np.nan)), "finite"),
+        (lambda p: p["sub-01"].__setitem__("wot1", np.zeros((20,))), "shape"),
+    ],
+)
+def test_invalid_predictions_are_refused_before_writing(tmp_path, mutate, match):
+    preds = _preds()
+    mutate(preds)
+    with pytest.raises(DataError, match=match):
+        write_submission(preds, "ood", tmp_path, TARGETS)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_split_and_broken_zips(tmp_path):
+    with pytest.raises(DataError, match="split"):
+        write_submission(_preds(), "s8", tmp_path, TARGETS)
+    bad = tmp_path / "two.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("fmri_predictions_ood.npy", b"x")
+        zf.writestr("extra.npy", b"y")
+    with pytest.raises(DataError, match="exactly one"):
+        read_submission(bad)
+    (tmp_path / "nozip.zip").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a zip"):
+        read_submission(tmp_path / "nozip.zip")
+
+
+def test_ood_score_follows_the_official_rule():
+    rng = np.random.default_rng(1)
+    targets = {s: {k: rng.standard_normal((n, 5)) for k, n in c.items()} for s, c in TARGETS.items()}
+    preds = {s: {k: t + rng.standard_normal(t.shape) * 0.5 for k, t in c.items()} for s, c in targets.items()}
+    got = score_predictions(preds, targets, "ood")
+    for s in TARGETS:
+        per_movie = []
+        for movie, keys in (("chaplin", ["chaplin1", "chaplin2"]), ("wot", ["wot1"])):
+            p = np.concatenate([preds[s][k][5:-5] for k in keys])
+            t = np.concatenate([targets[s][k][5:-5] for k in keys])
+            r = np.mean([pearsonr(p[:, j], t[:, j])[0] for j in range(5)])
+            assert got[f"{s}/{movie}"] == pytest.approx(r, abs=1e-6)
+            per_movie.append(r)
+        assert got[s] == pytest.approx(np.mean(per_movie), abs=1e-6)
+    assert got["score"] == pytest.approx(np.mean([got[s] for s in TARGETS]), abs=1e-9)
+    assert 0.6 < got["score"] < 1.0
+    assert score_predictions(targets, targets, "ood")["score"] == pytest.approx(1.0)
+    shuffled = {s: {k: rng.standard_normal(t.shape) for k, t in c.items()} for s, c in targets.items()}
+    assert abs(score_predictions(shuffled, targets, "ood")["score"]) < 0.2
+    friends = score_predictions(preds, targets, "friends-s7")
+    assert friends["score"] != pytest.approx(got["score"]), "edge TRs are kept outside OOD"
+
+
+def test_val_predictions_file_round_trip(tmp_path):
+    preds = _preds(seed=3)
+    path = write_predictions(preds, tmp_path / "p.npz")
+    back = read_predictions(path)
+    for s, c in preds.items():
+        for k, a in c.items():
+            np.testing.assert_array_equal(back[s][k], a.astype(np.float32))
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(DataError):
+        read_predictions(tmp_path / "bad.npz")

@@ -1,0 +1,108 @@
+"""Search-space translation, resource arithmetic and sweep artifacts (no Ray cluster started)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from ray import tune
+
+from mirage.config import ConfigError, load_config
+from mirage.distributed.sweep import (
+    SweepResult,
+    TrialInfo,
+    concurrency,
+    parameter_importance,
+    search_space,
+    trial_cpus,
+    write_sweep_artifacts,
+)
+from mirage.errors import MirageError
+
+
+def test_every_param_kind_maps_to_its_tune_domain():
+    cfg = load_config("demo", [
+        "sweep.space={}",
+        "sweep.space.model.n_queries={kind: choice, values: [2, 4]}",
+        "sweep.space.model.depth={kind: int, low: 1, high: 3}",
+        "sweep.space.train.lr={kind: loguniform, low: 1.0e-4, high: 1.0e-2}",
+        "sweep.space.model.modality_dropout={kind: float, low: 0.0, high: 0.5}",
+    ])
+    space = search_space(cfg)
+    assert set(space) == {"model.n_queries", "model.depth", "train.lr", "model.modality_dropout"}
+    assert isinstance(space["model.n_queries"], tune.search.sample.Categorical)
+    assert space["model.n_queries"].categories == [2, 4]
+    d = space["model.depth"]
+    assert isinstance(d, tune.search.sample.Integer) and (d.lower, d.upper) == (1, 4)  # randint upper is exclusive
+    lr = space["train.lr"]
+    assert isinstance(lr.sampler, tune.search.sample.LogUniform) and (lr.lower, lr.upper) == (1e-4, 1e-2)
+    assert isinstance(space["model.modality_dropout"].sampler, tune.search.sample.Uniform)
+    # sampled values apply to the config through the same override path as --set
+    sample = {k: v.sample() for k, v in space.items()}
+    out = cfg.with_overrides(sample)
+    assert out.model.depth in (1, 2, 3) and out.model.n_queries in (2, 4)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("sweep.space.model.nope={kind: int, low: 1, high: 2}", "sweep.space.model.nope"),
+        ("sweep.space.model.depth={kind: int, low: 3, high: 1}", "low <= high"),
+        ("sweep.space.train.lr={kind: loguniform, low: 0, high: 1}", "low > 0"),
+        ("sweep.space.model.depth={kind: choice, values: []}", "non-empty"),
+    ],
+)
+def test_bad_space_entries_name_the_key(entry, message):
+    cfg = load_config("demo", [entry])
+    with pytest.raises(ConfigError, match=message):
+        search_space(cfg)
+
+
+def test_concurrency_is_capped_by_logical_cpus():
+    cfg = load_config("demo", ["sweep.max_concurrent=4", "train.num_workers=2", "train.cpus_per_worker=1"])
+    assert trial_cpus(cfg) == 3
+    assert concurrency(cfg, 8) == 2
+    assert concurrency(cfg, None) == 4
+    with pytest.raises(MirageError, match="ray.num_cpus"):
+        concurrency(cfg, 2)
+
+
+def test_sweep_artifacts_and_importance(tmp_path):
+    cfg = load_config("demo")
+    trials = [
+        TrialInfo(f"t{i}", {"model.depth": d, "train.lr": lr, "model.n_queries": 4, "model.modality_dropout": 0.1},
+                  best=b, epochs=6, status="TERMINATED")
+        for i, (d, lr, b) in enumerate([(1, 1e-3, 0.1), (2, 2e-3, 0.2), (3, 1e-3, 0.3), (2, 3e-3, 0.25)])
+    ]
+    res = SweepResult("s", "run", str(tmp_path), "val_r", "max", trials)
+    assert res.best.trial_id == "t2"
+    imp = parameter_importance(trials, list(cfg.sweep.space))
+    assert imp["model.depth"] > 0.9 and imp["model.n_queries"] == 0.0
+    files = {p.name for p in write_sweep_artifacts(cfg, res, tmp_path / "a")}
+    assert {"best_config.yaml", "trials.json", "objective.png", "importance.png", "importance.json"} <= files
+    best = yaml.safe_load((tmp_path / "a" / "best_config.yaml").read_text())
+    assert best["model"]["depth"] == 3
+    assert len(json.loads((tmp_path / "a" / "trials.json").read_text())) == 4
+    res.save(tmp_path / "r.json")
+    assert SweepResult.load(tmp_path / "r.json").best.params == trials[2].params
+
+
+def test_cluster_job_without_dataset_fails_clearly(tmp_path, monkeypatch):
+    from mirage.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    missing = tmp_path / "nowhere"
+    rc = main(["sweep", "--set", f"outputs={tmp_path}", "--set", f"data.root={missing}", "--set", "ray.address=auto"])
+    assert rc == 1
+    assert not missing.exists()  # nothing generated on a cluster
+
+
+def test_cluster_error_names_data_root(tmp_path):
+    from mirage.commands.sweep import ensure_inputs
+    from mirage.config import resolve_paths
+    from mirage.errors import DataError
+
+    cfg = resolve_paths(load_config("demo", [f"outputs={tmp_path}", "ray.address=auto"]))
+    with pytest.raises(DataError, match=r"data.root=.*no dataset there.*--set data.root"):
+        ensure_inputs(cfg)
