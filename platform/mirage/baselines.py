@@ -113,17 +113,12 @@ class _RunTable:
         return out
 
 
-def _zscore(y: np.ndarray) -> np.ndarray:
-    sd = y.std(0)
-    return (y - y.mean(0)) / np.where(sd > 0, sd, 1)
-
-
 def fit_baseline(cfg: Config, name: str, store=None) -> BaselineResult:
     """Fit one baseline on the train split and score it on the validation split."""
     from sklearn.decomposition import IncrementalPCA
     from sklearn.linear_model import RidgeCV
 
-    from mirage.data.fmri import load_fmri
+    from mirage.data.fmri import load_fmri, zscore
     from mirage.features.store import open_store
 
     if name not in BASELINES:
@@ -171,7 +166,7 @@ def fit_baseline(cfg: Config, name: str, store=None) -> BaselineResult:
         xs, ys = [], []
         for run in (r for r in train.runs if r.subject == s):
             xs.append(design(train, run))
-            ys.append(_zscore(load_fmri(str(run.path), run.key)))
+            ys.append(zscore(load_fmri(str(run.path), run.key)))
         if not xs:
             continue
         X, Y = np.concatenate(xs), np.concatenate(ys)
@@ -182,7 +177,7 @@ def fit_baseline(cfg: Config, name: str, store=None) -> BaselineResult:
         xv = [design(val, run) for run in val.runs if run.subject == s]
         if not xv:
             continue
-        yv = [_zscore(load_fmri(str(run.path), run.key)) for run in val.runs if run.subject == s]
+        yv = [zscore(load_fmri(str(run.path), run.key)) for run in val.runs if run.subject == s]
         pred = ridge.predict((np.concatenate(xv) - mu) / sd)
         r_all[s] = _pearson_columns(pred, np.concatenate(yv))
         alphas_all[s] = np.broadcast_to(np.asarray(ridge.alpha_, float), (Y.shape[1],))

@@ -32,7 +32,7 @@ def client(uri: str):
         raise ConfigError("tracking.uri is empty: resolve the config (mirage.config.resolve_paths) first")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         raise ConfigError(f"tracking.uri={uri!r}: expected an absolute sqlite URI (sqlite:////abs/path/mlflow.db)")
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @functools.lru_cache(maxsize=1)

@@ -62,9 +62,11 @@ def run_name(cfg: Config) -> str:
 class RaySession:
     """:class:`mirage.train.loop.Session` inside a Ray Train worker."""
 
-    def __init__(self, use_gpu: bool):
+    def __init__(self, use_gpu: bool, run_dir: str | None = None):
         import ray.train
         import torch
+
+        self.run_dir = Path(run_dir) if run_dir else None
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
@@ -80,9 +82,11 @@ class RaySession:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return contextlib.nullcontext(None)
-        return _as_path(ckpt.as_directory())
+        if ckpt is not None:
+            return _as_path(ckpt.as_directory())
+        # A worker that dies right after persisting a checkpoint can take its report with it
+        # before the controller registers it; the files are complete all the same.
+        return contextlib.nullcontext(latest_complete_checkpoint(self.run_dir) if self.run_dir else None)
 
     def report(self, metrics: dict[str, Any], write) -> None:
         import ray.train
@@ -96,6 +100,24 @@ class RaySession:
             )
 
 
+def latest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``epoch_NNNN`` folder under ``run_dir`` whose every shard and state file is on disk."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mirage.train.loop import STATE_FILE
+
+    for d in sorted(run_dir.glob("epoch_[0-9][0-9][0-9][0-9]"), reverse=True):
+        if not (d / STATE_FILE).is_file() or not (d / ".metadata").is_file():
+            continue
+        try:
+            files = {s.relative_path for s in FileSystemReader(str(d)).read_metadata().storage_data.values()}
+        except Exception:  # a half-written metadata file: not complete
+            continue
+        if all((d / f).is_file() for f in files):
+            return d
+    return None
+
+
 @contextlib.contextmanager
 def _as_path(cm):
     with cm as d:
@@ -107,7 +129,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     from mirage.train.loop import fit
 
     cfg = Config.model_validate(config["cfg"])
-    session = RaySession(cfg.train.use_gpu)
+    session = RaySession(cfg.train.use_gpu, config.get("run_dir"))
     on_epoch = None
     if config.get("tracking") and session.rank == 0:
         from mirage.tracking import EpochLogger
@@ -130,7 +152,7 @@ def build_trainer(
     tc = cfg.train
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking},
+        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "run_dir": str(Path(tc.storage) / name)},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,

@@ -45,13 +45,6 @@ class WindowRef:
         return int(sum(self.mask))
 
 
-def zscore(x: np.ndarray) -> np.ndarray:
-    """Per-column z-score of (n_trs, n_parcels); constant columns become 0."""
-    mu = x.mean(0, keepdims=True)
-    sd = x.std(0, keepdims=True)
-    return ((x - mu) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
-
-
 def _fmri_shape(path: str, key: str) -> tuple[int, ...]:
     try:
         with h5py.File(path, "r") as f:
@@ -142,7 +135,7 @@ class WindowDataset:
 
     def _run_fmri(self, path: str, key: str) -> np.ndarray:
         """(n_trs, n_parcels) float32, z-scored per parcel when ``data.zscore``."""
-        from mirage.data.fmri import load_fmri
+        from mirage.data.fmri import load_fmri, zscore
 
         k = (path, key)
         with self._lock:
