@@ -76,11 +76,10 @@ def job(test_cfg, feature_store, tmp_path_factory):
     finished = []
     while time.time() < deadline and p.poll() is None:
         time.sleep(2)
-        if (work / "mlflow.db").exists():
-            try:
-                finished = _trial_runs(uri, "FINISHED")
-            except Exception:  # noqa: BLE001 - the job is still creating the store's tables
-                continue
+        # the job creates the store's tables before Tune's folder appears; reading the store
+        # earlier would race its schema migration
+        if (work / "out" / "ray_results" / "e2e-sweep").is_dir():
+            finished = _trial_runs(uri, "FINISHED")
             if finished:
                 time.sleep(5)  # let Tune record the trial as done too
                 p.send_signal(signal.SIGINT)
