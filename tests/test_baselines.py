@@ -51,7 +51,7 @@ def test_baselines_find_the_planted_signal_and_are_tracked(train_cfg, synth_root
     assert planted > noise + 0.03, (planted, noise)
     assert len(results["challenge"].layers) == 1
 
-    c = MlflowClient(cfg.tracking.uri)
+    c = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
     runs = c.search_runs([c.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert {r.data.tags["mirage.baseline"] for r in runs} == set(BASELINES)
     for run in runs:

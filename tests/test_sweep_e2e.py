@@ -29,7 +29,7 @@ REGISTRY = "mirage-e2e"
 def _client(uri):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _runs(uri):

@@ -21,7 +21,7 @@ def test_run_records_tags_params_config_and_metrics(track_cfg, tmp_path):
             {"epoch": 0, "train_loss": 1.5, "val_r": 0.2, "val_r/sub-01": 0.3, "is_best": 1}
         )
         tracking.EpochLogger(track_cfg.tracking.uri, run_id)({"epoch": 0, "val_r": 99.0}, rank=1)  # not rank 0
-    c = MlflowClient(track_cfg.tracking.uri)
+    c = MlflowClient(tracking_uri=track_cfg.tracking.uri, registry_uri=track_cfg.tracking.uri)
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mirage.kind"] == "train" and run.data.tags["extra"] == "x"
@@ -42,14 +42,14 @@ def test_run_ends_with_its_true_status(track_cfg, exc, status):
         with tracking.tracked_run(track_cfg, "baseline", "fails") as run_id:
             seen["id"] = run_id
             raise exc
-    assert MlflowClient(track_cfg.tracking.uri).get_run(seen["id"]).info.status == status
+    assert MlflowClient(tracking_uri=track_cfg.tracking.uri, registry_uri=track_cfg.tracking.uri).get_run(seen["id"]).info.status == status
 
 
 def test_nested_run_and_reopen(track_cfg):
     with tracking.tracked_run(track_cfg, "sweep", "parent") as parent:
         with tracking.tracked_run(track_cfg, "trial", "child", parent_run_id=parent) as child:
             pass
-    c = MlflowClient(track_cfg.tracking.uri)
+    c = MlflowClient(tracking_uri=track_cfg.tracking.uri, registry_uri=track_cfg.tracking.uri)
     assert c.get_run(child).data.tags["mlflow.parentRunId"] == parent
     assert not tracking.reopen_run(track_cfg.tracking.uri, child)  # finished runs are not reopened
     with pytest.raises(RuntimeError):

@@ -102,7 +102,7 @@ def test_restarted_run_resumes_and_is_tracked(train_cfg, ray_local, tmp_path):
     import json
 
     run_id = json.loads((tmp_path / "ray" / "restart" / MLFLOW_RUN_FILE).read_text())["run_id"]
-    client = MlflowClient(cfg.tracking.uri)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
     assert client.get_run(run_id).info.status == "FAILED"
 
     res = run_training(cfg, name="restart")  # a full restart: new trainer, same storage path and name
