@@ -305,7 +305,10 @@ def log_pyfunc_model(cfg: Config, run_id: str, predictor_dir: str | Path) -> str
     uri = cfg.tracking.uri
     c = client(uri)
     status = c.get_run(run_id).info.status
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    # restore what the process had: an unset URI stays unset (not pinned to its resolved default)
+    tracking_before = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    registry_before = mlflow.get_registry_uri()
+    registry_before = None if registry_before == mlflow.get_tracking_uri() else registry_before
     mlflow.set_tracking_uri(uri)  # the fluent log_model needs it; restored below
     mlflow.set_registry_uri(uri)
     try:
@@ -320,8 +323,8 @@ def log_pyfunc_model(cfg: Config, run_id: str, predictor_dir: str | Path) -> str
         version = mlflow.register_model(info.model_uri, cfg.ensemble.registry_name).version
     finally:
         c.update_run(run_id, status=status)  # leaving the fluent run must not end ours
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+        mlflow.set_tracking_uri(tracking_before)
+        mlflow.set_registry_uri(registry_before)
     c.set_registered_model_alias(cfg.ensemble.registry_name, cfg.ensemble.alias, version)
     c.set_model_version_tag(cfg.ensemble.registry_name, version, "mirage.run_id", run_id)
     return str(version)
