@@ -31,6 +31,11 @@ class Backbone:
     spatial_merge_size: int
     device: str
     video_kwargs: dict[str, Any] = field(default_factory=dict)
+    family: str = "qwen3_omni"
+    """Model family: ``qwen3_omni`` or ``qwen2_5_omni`` (prompt layout and processor keywords differ)."""
+    token_ids: dict[str, int] = field(default_factory=dict)
+    """Special token ids read from the loaded config (tokenizer where the config has none): keys
+    ``video``, ``audio``, ``image``, ``vision_start``, ``vision_end``, ``audio_start``, ``audio_end``."""
 
     @classmethod
     def from_loaded(cls, name: str, model: Any, processor: Any, video_kwargs: dict[str, Any] | None = None) -> "Backbone":
@@ -38,6 +43,7 @@ class Backbone:
         cfg = model.config
         text = cfg.text_config
         return cls(
+            token_ids=_special_token_ids(cfg, processor),
             name=name,
             model=model,
             processor=processor,
@@ -66,6 +72,27 @@ class Backbone:
 
 
 Loader = Callable[[FeaturesConfig], Backbone]
+
+_TOKEN_NAMES = {
+    "video": ("<|video_pad|>", ("video_token_id", "video_token_index")),
+    "audio": ("<|audio_pad|>", ("audio_token_id", "audio_token_index")),
+    "image": ("<|image_pad|>", ("image_token_id", "image_token_index")),
+    "vision_start": ("<|vision_start|>", ("vision_start_token_id",)),
+    "vision_end": ("<|vision_end|>", ("vision_end_token_id",)),
+    "audio_start": ("<|audio_start|>", ("audio_start_token_id",)),
+    "audio_end": ("<|audio_end|>", ("audio_end_token_id",)),
+}
+
+
+def _special_token_ids(config: Any, processor: Any) -> dict[str, int]:
+    """Ids of the multimodal special tokens: the config's attribute (either naming), else the tokenizer's."""
+    out: dict[str, int] = {}
+    for key, (token, attrs) in _TOKEN_NAMES.items():
+        value = next((getattr(config, a) for a in attrs if getattr(config, a, None) is not None), None)
+        if value is None:
+            value = processor.tokenizer.convert_tokens_to_ids(token)
+        out[key] = int(value)
+    return out
 
 
 def _load_tiny(cfg: FeaturesConfig) -> Backbone:
