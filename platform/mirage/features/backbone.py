@@ -56,6 +56,27 @@ class Backbone:
             video_kwargs=dict(video_kwargs or {}),
         )
 
+    def processor_kwargs(self, audio_in_video: bool) -> dict[str, Any]:
+        """Keywords for ``processor(text=..., videos=..., audio=...)`` beyond the media themselves.
+
+        ``audio_in_video``: the audio window is the video's own track, interleaved into the video
+        block (native fusion). The keyword for that changed in transformers 5.23.
+        """
+        kw: dict[str, Any] = {"return_tensors": "pt", "padding": True, **self.video_kwargs}
+        if audio_in_video:
+            if _transformers_at_least(5, 23) and self.family == "qwen3_omni":
+                kw.update(load_audio_from_video=True, audio_from_video_indices=[0])
+            else:
+                kw["use_audio_in_video"] = True
+        return kw
+
+    def forward_kwargs(self, audio_in_video: bool) -> dict[str, Any]:
+        """Keywords for the thinker's forward beyond the processor outputs."""
+        kw: dict[str, Any] = {"output_hidden_states": True, "return_dict": True, "use_cache": False}
+        if audio_in_video:
+            kw["use_audio_in_video"] = True
+        return kw
+
     def check_processor(self) -> None:
         """The processor's placeholder tokens must map to the model config's token ids."""
         tok = self.processor.tokenizer
@@ -72,6 +93,13 @@ class Backbone:
 
 
 Loader = Callable[[FeaturesConfig], Backbone]
+
+
+def _transformers_at_least(major: int, minor: int) -> bool:
+    import transformers
+
+    parts = transformers.__version__.split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
 
 _TOKEN_NAMES = {
     "video": ("<|video_pad|>", ("video_token_id", "video_token_index")),
