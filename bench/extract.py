@@ -3,10 +3,10 @@
     .venv/bin/python bench/extract.py [--seconds 120] [--out DIR]
 
 1. Writes a synthetic dataset (the demo layout, ``--seconds`` per run) and plans its work items.
-2. Plain loop: one in-process Extractor (tiny backbone) over every work item, arrays saved with
-   ``np.save``: cutoffs per second.
+2. Plain loop: one in-process Extractor (tiny backbone) over every work item, arrays assembled in
+   memory and saved with ``np.save``: passes (distinct cutoffs: 2 Hz steps and word ends) per second.
 3. The Ray Data pipeline (``run_extract``) on the same inputs with 1 and 2 actors, into fresh
-   stores: cutoffs per second, ratio to the plain loop, with and without its fixed start-up cost
+   stores: passes per second, ratio to the plain loop, with and without its fixed start-up cost
    (measured separately as the wall time of a one-cutoff job on a started Ray).
 4. Feature reader: training windows (``FeatureStore.read_window``) over every stored run, next
    to a raw sequential read of the same files (both from the page cache): GB/s and ratio. Run on
@@ -28,7 +28,7 @@ from mirage.config import load_config, resolve_paths
 from mirage.data.windows import window_frames
 from mirage.distributed.cluster import init_ray
 from mirage.distributed.extract import run_extract
-from mirage.features.extract import Extractor, media_duration, plan_items, stimuli_of
+from mirage.features.extract import Extractor, FeatureArrays, plan_items, stimuli_of
 from mirage.features.store import FeatureStore, StoreWriter
 
 
@@ -36,11 +36,13 @@ def plain_loop(cfg, items, out: Path) -> tuple[float, int]:
     """The plainest way: one extractor in this process, item by item, one np.save per stimulus."""
     t0 = time.perf_counter()
     ex = Extractor(cfg.features)
-    parts: dict[str, list[np.ndarray]] = {}
+    sinks: dict[str, FeatureArrays] = {}
     for it in items:
-        parts.setdefault(it.stimulus_id, []).append(ex.extract_item(it))
-        if it.stop == it.n_frames:
-            np.save(out / f"{it.stimulus_id}.npy", np.concatenate(parts.pop(it.stimulus_id)))
+        plan = ex.plan(it.video, it.transcript)
+        sink = sinks.setdefault(it.stimulus_id, FeatureArrays(plan.frames, ex.backbone.n_layers, ex.backbone.dim))
+        ex.extract_item(it).write(sink)
+        if it.stop == it.n_passes:
+            np.savez(out / f"{it.stimulus_id}.npz", **sinks.pop(it.stimulus_id).arrays)
     return time.perf_counter() - t0, sum(it.stop - it.start for it in items)
 
 
@@ -121,17 +123,16 @@ def main() -> None:
 
         if not Path(cfg.data.root).exists():
             write_synthetic(cfg.data.root, cfg.data.synth, tr=cfg.data.tr)
-        items = [it for sid, (v, t) in stimuli_of(cfg).items()
-                 for it in plan_items(sid, v, t, cfg.features, media_duration(v))]
+        items = [it for sid, (v, t) in stimuli_of(cfg).items() for it in plan_items(sid, v, t, cfg.features)[1]]
         print(f"workload: {len(stimuli_of(cfg))} stimuli, {len(items)} work items, "
-              f"{sum(i.stop - i.start for i in items)} cutoffs; torch threads {cfg.features.torch_threads}")
+              f"{sum(i.stop - i.start for i in items)} passes; torch threads {cfg.features.torch_threads}")
 
         plain_dir = work / "plain"
         plain_dir.mkdir(exist_ok=True)
         t_plain, n = plain_loop(cfg, items, plain_dir)
         plain_rate = n / t_plain
-        print(f"plain loop       : {t_plain:7.1f} s  {plain_rate:6.1f} cutoffs/s  "
-              f"({1000 * t_plain / n:.1f} ms per cutoff, backbone load included)")
+        print(f"plain loop       : {t_plain:7.1f} s  {plain_rate:6.1f} passes/s  "
+              f"({1000 * t_plain / n:.1f} ms per pass, backbone load included)")
 
         t0 = time.perf_counter()
         init_ray(cfg.ray)
@@ -142,13 +143,13 @@ def main() -> None:
         for actors in (1, 2):
             runs[actors] = pipeline(cfg, actors, work / f"store-{actors}")
         t_again, _ = plain_loop(cfg, items, plain_dir)  # again: the machine's load drifts
-        print(f"plain loop again : {t_again:7.1f} s  {n / t_again:6.1f} cutoffs/s")
+        print(f"plain loop again : {t_again:7.1f} s  {n / t_again:6.1f} passes/s")
         plain_rate = 2 * n / (t_plain + t_again)
-        print(f"plain loop mean  : {plain_rate:6.1f} cutoffs/s ({1000 / plain_rate:.1f} ms per cutoff)")
+        print(f"plain loop mean  : {plain_rate:6.1f} passes/s ({1000 / plain_rate:.1f} ms per pass)")
         for actors, (t, n_p) in runs.items():
             rate = n_p / t
             steady = n_p / max(t - fixed, 1e-9)
-            print(f"ray data {actors} actor{'s' if actors > 1 else ' '}: {t:7.1f} s  {rate:6.1f} cutoffs/s  "
+            print(f"ray data {actors} actor{'s' if actors > 1 else ' '}: {t:7.1f} s  {rate:6.1f} passes/s  "
                   f"ratio {rate / plain_rate:.2f}  (without fixed cost {steady / plain_rate:.2f})")
 
         store = FeatureStore(next((work / "store-1").iterdir()))

@@ -81,6 +81,43 @@ def conformance_dir() -> Path:
     return CONFORMANCE_DIR.resolve()
 
 
+FEATURES_FIXTURE = CONFORMANCE_DIR / "features_tiny"
+
+
+def features_fixture_cfg(fx: Path, fusion: str = "native") -> Config:
+    """The paper preset on the feature fixture's tiny thinker (float32, CPU)."""
+    return load_config("paper", [
+        f"features.model_id={fx / 'model'}", "features.dtype=float32", "features.gpus_per_actor=0",
+        f"features.fusion={fusion}",
+    ])
+
+
+@pytest.fixture(scope="session")
+def features_fixture() -> Path:
+    """The reference's extraction fixture (``../shared/conformance/features_tiny``); skips where absent."""
+    if not (FEATURES_FIXTURE / "model" / "model.safetensors").is_file():
+        pytest.skip(f"feature conformance fixture not found at {FEATURES_FIXTURE.resolve()}")
+    return FEATURES_FIXTURE.resolve()
+
+
+@pytest.fixture(scope="session")
+def fixture_backbone(features_fixture):
+    """The fixture's tiny Qwen3-Omni thinker, loaded once per session."""
+    from mirage.features.backbone import load_backbone
+
+    return load_backbone(features_fixture_cfg(features_fixture).features)
+
+
+@pytest.fixture(scope="session")
+def fixture_native_features(features_fixture, fixture_backbone) -> dict:
+    """Our native-fusion features of the fixture stimulus: modality -> (n_frames, n_layers, dim)."""
+    from mirage.features.one import extract_video
+
+    fx = features_fixture
+    cfg = features_fixture_cfg(fx)
+    return extract_video(cfg, fx / "stimulus.mkv", fx / "stimulus.tsv", backbone=fixture_backbone)
+
+
 @pytest.fixture(scope="session")
 def train_cfg(test_cfg, synth_root, feature_store) -> Config:
     """``test_cfg`` on the extracted synthetic dataset, for training tests (Ray runs on CPU)."""

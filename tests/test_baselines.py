@@ -1,4 +1,5 @@
-"""Ridge baselines: TR averaging and delays against direct loops, planted signal found, MLflow runs."""
+"""Ridge baselines: the official challenge recipe on the fitted objects, TR averaging and windows
+against direct loops, planted signal found, MLflow runs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirage.baselines import BASELINES, delay_window, run_baselines, tr_average
+from mirage.baselines import (
+    BASELINES,
+    design_matrix,
+    fit_baseline,
+    fit_reducer,
+    run_baselines,
+    single_index,
+    tr_average,
+    train_rows,
+    window_index,
+)
+from mirage.config import BaselineConfig
+from mirage.errors import DataError
+
+OFFICIAL_ALPHAS = [1e6, 1e5, 1e4, 1e3, 100, 10, 1, 0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001, 0.00001]
 
 
 def test_tr_average_matches_a_direct_loop():
@@ -25,12 +40,69 @@ def test_tr_average_matches_a_direct_loop():
     np.testing.assert_allclose(sparse[2], sparse[1])
 
 
-def test_delay_window_takes_the_trs_before_the_hrf_delay():
-    x = np.arange(10, dtype=float)[:, None] * [1, 10]  # (n_trs, 2)
-    w = delay_window(x, hrf_delay=3, window=5)
-    assert w.shape == (10, 10)
-    np.testing.assert_array_equal(w[9].reshape(5, 2)[:, 0], [2, 3, 4, 5, 6])  # TRs 9-3-4 .. 9-3
-    np.testing.assert_array_equal(w[0].reshape(5, 2)[:, 0], [0, 0, 0, 0, 0])  # clipped at the run start
+def test_window_takes_the_five_trs_ending_three_before_and_shifts_at_the_edges():
+    idx = window_index(n_trs=20, n_feat=15, hrf_delay=3, window=5)
+    assert idx.shape == (20, 5)
+    np.testing.assert_array_equal(idx[12], [5, 6, 7, 8, 9])  # TRs 12-3-4 .. 12-3
+    np.testing.assert_array_equal(idx[0], [0, 1, 2, 3, 4])  # before the run: the first 5 feature TRs
+    np.testing.assert_array_equal(idx[6], [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(idx[17], [10, 11, 12, 13, 14])  # 10 .. 14 exactly fits
+    np.testing.assert_array_equal(idx[19], [10, 11, 12, 13, 14])  # past the features: the last 5
+    np.testing.assert_array_equal(window_index(4, 3, 3, 5)[3], [0, 1, 2, 2, 2])  # shorter than a window
+    np.testing.assert_array_equal(single_index(6, 4, 3), [0, 0, 0, 0, 1, 2])  # text: the one TR t - 3
+    np.testing.assert_array_equal(single_index(9, 4, 3)[-1], 3)
+
+
+def test_design_windows_vision_and_audio_and_takes_one_text_tr():
+    bc = BaselineConfig()
+    n = 12
+    reduced = {m: np.arange(n, dtype=np.float32)[:, None] * [1, 10] + off for m, off in
+               (("vision", 0.0), ("audio", 1000.0), ("text", 5000.0))}  # (n_feature_trs, 2)
+    x = design_matrix(reduced, n, bc)
+    assert x.shape == (n, 2 * 5 + 2 * 5 + 2)
+    t = 10
+    np.testing.assert_array_equal(x[t, :10].reshape(5, 2)[:, 0], [3, 4, 5, 6, 7])
+    np.testing.assert_array_equal(x[t, 10:20].reshape(5, 2)[:, 0], [1003, 1004, 1005, 1006, 1007])
+    np.testing.assert_array_equal(x[t, 20:], [5007, 5070])
+
+
+def test_reducer_keeps_250_components_or_every_audio_component():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 300)) @ rng.normal(size=(300, 300))
+    x[3, 7] = np.nan  # NaN -> 0 before the scaler, as the official PCA step
+    scaler, pca = fit_reducer(x, 250, seed=20200220)
+    assert pca.n_components_ == 250 and np.isfinite(scaler.mean_).all()
+    np.testing.assert_allclose(scaler.transform(np.nan_to_num(x)).std(0), 1.0, rtol=1e-3)
+    _, whole = fit_reducer(x[:, :20], None, seed=20200220)
+    assert whole.n_components_ == 20  # audio kept whole: PCA to its own width
+
+
+def test_training_rows_leave_out_five_trs_at_both_edges():
+    assert train_rows(40, 5) == slice(5, 35)
+    with pytest.raises(DataError, match="excluding 5 TRs"):
+        train_rows(10, 5)
+
+
+def test_official_challenge_recipe_on_the_fitted_objects(train_cfg):
+    from mirage.data.fmri import load_fmri
+    from mirage.data.layout import Release
+    from mirage.data.splits import split_runs
+    from mirage.features.store import open_store
+
+    cfg = train_cfg.with_overrides({"train.baseline.pca_components": 16})
+    store = open_store(cfg.features)
+    res = fit_baseline(cfg, "official-challenge", store)
+    assert res.layers == [store.n_layers - 1]  # challenge_layer 1.0: the last layer
+    assert {m: p.n_components_ for m, (_, p) in res.reducers.items()} == {
+        "vision": 16, "text": 16, "audio": store.dim}  # audio kept whole
+    train = [r for r in split_runs(Release(cfg.data.root), cfg.data, "train") if r.subject in cfg.data.subjects]
+    for sub, model in res.models.items():
+        np.testing.assert_allclose(sorted(model.alphas), sorted(OFFICIAL_ALPHAS))
+        assert len(model.alphas) == 15 and model.alpha_.shape == (cfg.data.n_parcels,)  # one alpha per parcel
+        n_trs = [len(load_fmri(r.path, r.key)) for r in train if r.subject == sub]
+        assert res.n_train_rows[sub] == sum(n - 10 for n in n_trs)  # 5 TRs out at both edges of every run
+        assert model.n_features_in_ == 16 * 5 + store.dim * 5 + 16
+    assert np.isfinite(res.val_r_official) and res.val_r_official != res.val_r
 
 
 def test_baselines_find_the_planted_signal_and_are_tracked(train_cfg, synth_root, tmp_path):
@@ -49,7 +121,7 @@ def test_baselines_find_the_planted_signal_and_are_tracked(train_cfg, synth_root
     assert lin.layers == list(range(len(lin.layers))) and len(lin.layers) > 1
     planted, noise = np.nanmean(lin.r[:, modality != "none"]), np.nanmean(lin.r[:, modality == "none"])
     assert planted > noise + 0.03, (planted, noise)
-    assert len(results["challenge"].layers) == 1
+    assert len(results["official-challenge"].layers) == 1
 
     c = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
     runs = c.search_runs([c.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
@@ -58,7 +130,8 @@ def test_baselines_find_the_planted_signal_and_are_tracked(train_cfg, synth_root
         assert run.info.status == "FINISHED" and run.data.tags["mirage.kind"] == "baseline"
         name = run.data.tags["mirage.baseline"]
         assert run.data.metrics["val_r"] == pytest.approx(results[name].val_r)
-        assert "val_r/sub-01" in run.data.metrics
+        assert run.data.metrics["val_r_official"] == pytest.approx(results[name].val_r_official)
+        assert "val_r_official/sub-01" in run.data.metrics and "pca_components/audio" in run.data.metrics
         assert {a.path for a in c.list_artifacts(run.info.run_id, "validation")} == {
             "validation/val_r.npy", "validation/alphas.npy"
         }

@@ -86,3 +86,29 @@ def test_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(DataError, match=r"bad\.mkv: not a decodable media file"):
         MediaReader(bad)
+
+
+def test_frames_by_index_and_printed_duration(movie):
+    idx = np.array([0, 3, 90, 300, 5000])
+    with MediaReader(movie) as m:
+        frames = m.frames_by_index(idx)
+        assert m.printed_duration == pytest.approx(m._c.duration / 1e6, abs=0.005)
+        assert round(m.printed_duration * 100) == m.printed_duration * 100  # 10 ms steps, as ffmpeg prints
+        last = m.frames_at([100.0])[0]
+    means = frames.reshape(len(idx), -1).mean(axis=1)
+    np.testing.assert_allclose(means[:4], (8 * idx[:4]) % 256, atol=3)  # frame k shows grey level 8k
+    np.testing.assert_array_equal(frames[-1], last)  # past the end: the last frame
+
+
+def test_audio_track_is_int16_mono_resampled(movie):
+    with MediaReader(movie) as m:
+        track = m.audio_track(44100, 16000)
+        again = m.audio_track(44100, 16000, duration=5.0)
+        n44 = int(round(m.printed_duration * 44100))
+    assert track.dtype == np.float32 and track.shape == (int(160 * n44 / 441),)
+    np.testing.assert_allclose(again[:-200], track[: len(again) - 200], atol=1e-6)  # a cut changes only its edge
+    assert again.shape == (int(160 * 5 * 44100 / 441),)
+    loud = np.nonzero(np.abs(track) > 0.05)[0]
+    assert abs(loud[0] - 16000) <= 80 and abs(loud[-1] - 32000) <= 80  # burst at 1 s .. 2 s
+    assert np.abs(track).max() == pytest.approx(0.25, abs=0.02)  # left 0.5, right 0: channels averaged
+    assert np.abs(track[:15000]).max() < 1e-6  # silence before the burst

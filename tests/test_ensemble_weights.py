@@ -12,9 +12,11 @@ from scipy.stats import pearsonr
 from mirage.ensemble import (
     choose_members,
     combine,
-    fit_ensemble,
+    fold_r,
+    refit_weights,
     softmax_weights,
-    split_fit_score,
+    two_folds,
+    weight_entropy,
     write_ensemble_dir,
 )
 from mirage.errors import MirageError
@@ -45,35 +47,43 @@ def test_combine_is_weighted_sum():
     np.testing.assert_allclose(combine(preds, w), ref, rtol=1e-5)
 
 
-def test_split_is_disjoint_deterministic_and_needs_two_runs():
-    fit, score = split_fit_score(["s06e02a", "s06e01a", "s06e01b", "s06e02b"], 0.5)
-    assert fit == ["s06e01a", "s06e01b"] and score == ["s06e02a", "s06e02b"]
-    fit, score = split_fit_score(["a", "b"], 0.9)
-    assert fit == ["a"] and score == ["b"]
+def test_two_folds_keep_episodes_together_and_need_two_runs():
+    a, b = two_folds(["s06e02a", "s06e01a", "s06e01b", "s06e02b", "s06e03a", "s06e03b#2"])
+    assert a == ["s06e01a", "s06e01b", "s06e03a", "s06e03b#2"] and b == ["s06e02a", "s06e02b"]
+    assert two_folds(["s06e01b", "s06e01a"]) == (["s06e01a"], ["s06e01b"])  # one episode: its halves split
     with pytest.raises(MirageError, match="at least 2 validation runs"):
-        split_fit_score(["a"], 0.5)
+        two_folds(["s06e01a"])
 
 
-def test_fit_ensemble_matches_loop_reference_and_scores_on_held_out_runs():
+def test_fold_r_is_the_official_form_checked_with_scipy():
     rng = np.random.default_rng(2)
-    subjects, runs, M, T, P = ["sub-01", "sub-02"], ["r1", "r2", "r3", "r4"], 3, 30, 5
+    subjects, runs, T, P = ["sub-01", "sub-02"], ["r1", "r2", "r3"], 30, 4
     targets = {s: {k: rng.normal(size=(T, P)) for k in runs} for s in subjects}
-    preds = {s: {k: targets[s][k][None] + rng.normal(size=(M, T, P)) * (1 + np.arange(M))[:, None, None] for k in runs} for s in subjects}
-    fit = fit_ensemble(preds, targets, subjects, fit_fraction=0.5, temperature=0.3)
-    assert fit.fit_stimuli == ["r1", "r2"] and fit.score_stimuli == ["r3", "r4"]
-    assert fit.weights.shape == (M, 2, P)
+    preds = {s: {k: t + rng.normal(size=t.shape) for k, t in c.items()} for s, c in targets.items()}
+    r, pooled = fold_r(preds, targets, subjects, ["r1", "r3"])
     for si, s in enumerate(subjects):
-        tf = np.concatenate([targets[s][k] for k in ("r1", "r2")])
-        ts = np.concatenate([targets[s][k] for k in ("r3", "r4")])
-        for p in range(P):
-            r_fit = [pearsonr(np.concatenate([preds[s][k][m] for k in ("r1", "r2")])[:, p], tf[:, p])[0] for m in range(M)]
-            w_ref = softmax(np.array(r_fit) / 0.3)
-            np.testing.assert_allclose(fit.weights[:, si, p], w_ref, rtol=1e-5)
-            ens = sum(w_ref[m] * np.concatenate([preds[s][k][m] for k in ("r3", "r4")])[:, p] for m in range(M))
-            np.testing.assert_allclose(fit.ensemble_r[si, p], pearsonr(ens, ts[:, p])[0], atol=1e-5)
-    assert fit.best_member == 0  # least noise
-    summary = fit.summary()
-    assert set(summary) >= {"ensemble_r", "best_member_r", "ensemble_r/sub-01", "best_member_r/sub-02"}
+        p = np.concatenate([preds[s][k][5:-5] for k in ("r1", "r3")])
+        t = np.concatenate([targets[s][k][5:-5] for k in ("r1", "r3")])
+        np.testing.assert_allclose(r[si], [pearsonr(p[:, j], t[:, j])[0] for j in range(P)], atol=1e-10)
+    p = np.concatenate([preds[s][k][5:-5] for s in subjects for k in ("r1", "r3")])
+    t = np.concatenate([targets[s][k][5:-5] for s in subjects for k in ("r1", "r3")])
+    np.testing.assert_allclose(pooled, [pearsonr(p[:, j], t[:, j])[0] for j in range(P)], atol=1e-10)
+
+
+def test_refit_weights_use_every_run_and_entropy_is_log_m_when_uniform():
+    rng = np.random.default_rng(3)
+    subjects, runs, M, T, P = ["sub-01"], ["r1", "r2"], 3, 30, 5
+    targets = {s: {k: rng.normal(size=(T, P)) for k in runs} for s in subjects}
+    preds = {s: {k: targets[s][k][None] + rng.normal(size=(M, T, P)) * (1 + np.arange(M))[:, None, None] for k in runs}
+             for s in subjects}
+    w, r = refit_weights(preds, targets, subjects, 0.3)
+    t = np.concatenate([targets["sub-01"][k][5:-5] for k in runs])
+    for m in range(M):
+        p = np.concatenate([preds["sub-01"][k][m][5:-5] for k in runs])
+        np.testing.assert_allclose(r[m, 0], [pearsonr(p[:, j], t[:, j])[0] for j in range(P)], atol=1e-10)
+    np.testing.assert_allclose(w[:, 0, 2], softmax(r[:, 0, 2] / 0.3), rtol=1e-5)
+    assert weight_entropy(np.full((4, 2, 3), 0.25)) == pytest.approx(np.log(4))
+    assert weight_entropy(np.eye(3)[:, None, :]) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_choose_members_cycles_configs_then_seeds():

@@ -1,23 +1,18 @@
-"""The tiny backbone, the per-pass readout and the cutoff schedule."""
+"""The backbone registry: every entry, its tiny variant, its loader and the family keywords."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
 
-from mirage.config import ConfigError, load_config
+from mirage.config import ConfigError, FeaturesConfig, load_config
+from mirage.errors import ModelLoadError
 from mirage.features.backbone import BACKBONES, load_backbone
-from mirage.features.inputs import (
-    WordSpan,
-    cutoff_times,
-    n_video_frames,
-    video_frame_times,
-    word_frame,
-    words_before,
-)
-from mirage.features.readout import PassInputs, PassRunner
+from mirage.features.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -25,172 +20,279 @@ def fcfg():
     return load_config("demo").features
 
 
-@pytest.fixture(scope="module")
-def tiny(fcfg):
-    return load_backbone(fcfg)
-
-
-def _inputs(fcfg, n=2, seed=0, words=True):
-    rng = np.random.default_rng(seed)
-    k = n_video_frames(fcfg)
-    videos = [rng.integers(0, 255, (k, 48, 64, 3), dtype=np.uint8) for _ in range(n)]
-    audios = [(0.1 * rng.standard_normal(int(fcfg.audio_seconds * fcfg.audio_rate))).astype(np.float32) for _ in range(n)]
-    # frame 3 (cutoff 2.0 s) gets two words in its bin; frame 4 gets none of its own
-    ws = [WordSpan("hello", 0.4), WordSpan("ross", 1.6), WordSpan("coffee", 1.9)]
-    return PassInputs(frames=[3, 4][:n], videos=videos, audios=audios, words=[ws, ws][:n] if words else None)
-
-
-def test_registry_lists_both_backbones():
-    assert set(BACKBONES) == {"tiny", "qwen3-omni"}
-
-
-def test_tiny_shapes_and_token_ids_from_config(fcfg, tiny):
-    t = fcfg.tiny
-    assert tiny.n_layers == t.n_layers + 1 and tiny.dim == t.hidden
-    cfg = tiny.model.config
-    tok = tiny.processor.tokenizer
-    assert tiny.video_token_id == cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
-    assert tiny.audio_token_id == cfg.audio_token_id == tok.convert_tokens_to_ids("<|audio_pad|>")
-    # our tiny ids are far from the class defaults (151656 ...): positions cannot come from defaults
-    assert tiny.video_token_id < t.vocab_size and len(tok) <= t.vocab_size
-
-
-def test_tiny_weights_seeded(fcfg, tiny):
-    again = load_backbone(fcfg)
-    other = load_backbone(fcfg.model_copy(update={"tiny": fcfg.tiny.model_copy(update={"seed": 1})}))
-    a, b, c = (next(m.model.model.language_model.parameters()) for m in (tiny, again, other))
+@pytest.mark.parametrize("name", sorted(n for n, e in BACKBONES.items() if e.builds_locally))
+def test_tiny_weights_seeded(fcfg, name):
+    cfg = fcfg.model_copy(update={"backbone": name})
+    one, again = load_backbone(cfg), load_backbone(cfg)
+    other = load_backbone(cfg.model_copy(update={"tiny": cfg.tiny.model_copy(update={"seed": 1})}))
+    a, b, c = (m.model.get_input_embeddings().weight for m in (one, again, other))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_processor_mismatch_with_config_is_refused(tiny):
-    bb = dataclasses.replace(tiny, video_token_id=tiny.video_token_id + 1)
-    with pytest.raises(ConfigError, match="video_token_id"):
-        bb.check_processor()
+# ------------------------------------------------------------------ the registry
+
+ENTRIES = sorted(BACKBONES)
+PUBLISHED = sorted(n for n, e in BACKBONES.items() if e.model_id is not None)
+TOKEN_ATTRS = {
+    "video": "video_token", "audio": "audio_token", "image": "image_token",
+    "vision_start": "vision_bos_token", "vision_end": "vision_eos_token",
+    "audio_start": "audio_bos_token", "audio_end": "audio_eos_token",
+}
+AUDIO_TOKENS_PER_S = {"qwen3_omni": 13, "qwen2_5_omni": 25}  # the families' audio encoders at 100 mel frames/s
 
 
-def test_readout_shapes_and_text_bins(fcfg, tiny):
-    runner = PassRunner(tiny, fcfg.rate_hz, fcfg.video_fps)
-    out = runner.run(_inputs(fcfg))
-    assert out.shape == (2, 3, tiny.n_layers, tiny.dim) and out.dtype == np.float32
-    assert np.isfinite(out).all()
-    assert np.abs(out[:, :2]).sum(axis=(2, 3)).min() > 0  # vision and audio present in every pass
-    assert np.abs(out[0, 2]).sum() > 0  # two words end in frame 3's bin (1.5, 2.0]
-    assert np.abs(out[1, 2]).sum() == 0  # no word ends in frame 4's bin (2.0, 2.5]
+@pytest.fixture(scope="module")
+def tinies(fcfg):
+    """Each tiny variant built once: name -> Backbone."""
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = load_backbone(fcfg.model_copy(update={"backbone": name}))
+        return built[name]
+
+    return get
 
 
-def test_readout_positions_match_an_independent_forward(fcfg, tiny):
-    """Vision = mean of the last grid's video tokens, audio = last audio token, text = word means summed."""
-    inp = _inputs(fcfg, n=1)
-    got = PassRunner(tiny, fcfg.rate_hz, fcfg.video_fps).run(inp)[0]  # (3, L, D)
-    p = tiny.processor
-    text = ("<|im_start|>user\n" + p.vision_bos_token + p.video_token + p.vision_eos_token
-            + p.audio_bos_token + p.audio_token + p.audio_eos_token)
-    enc = p(text=[text], videos=inp.videos, audio=inp.audios, fps=fcfg.video_fps,
-            videos_kwargs=dict(tiny.video_kwargs), return_tensors="pt")
-    tok = p.tokenizer
-    words = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in ("hello", "ross", "coffee")]
+@pytest.fixture(scope="module")
+def native_passes(fcfg, tinies):
+    """One native (audio-in-video) pass of each tiny variant over 4 frames and 31 s of audio."""
+    done: dict = {}
+
+    def get(name: str):
+        if name not in done:
+            bb = tinies(name)
+            p = bb.processor
+            rng = np.random.default_rng(0)
+            video = rng.integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)
+            audio = (0.1 * rng.standard_normal(31 * fcfg.audio_rate)).astype(np.float32)
+            prompt = p.vision_bos_token + p.video_token + p.vision_eos_token + "\nhello ross"
+            enc = p(text=prompt, videos=[video], audio=[audio], fps=fcfg.video_fps, **bb.processor_kwargs(True))
+            with torch.inference_mode():
+                out = bb.model(**enc, **bb.forward_kwargs(True))
+            done[name] = (enc, torch.stack(out.hidden_states))  # (L, 1, S, D)
+        return done[name]
+
+    return get
+
+
+def test_registry_names_are_the_config_choices():
+    assert set(BACKBONES) == set(get_args(FeaturesConfig.model_fields["backbone"].annotation))
+    assert {e.family for e in BACKBONES.values()} == set(FAMILIES)
+    published = {e.model_id for e in BACKBONES.values() if e.model_id is not None and not e.any_checkpoint}
+    assert published == {
+        "Qwen/Qwen2.5-Omni-3B", "Qwen/Qwen2.5-Omni-7B", "Qwen/Qwen3-Omni-30B-A3B-Instruct",
+        "Qwen/Qwen3-Omni-30B-A3B-Thinking", "Qwen/Qwen3-Omni-30B-A3B-Captioner",
+    }
+    assert BACKBONES["qwen3-omni"].model_id == FeaturesConfig().model_id  # the default stays the paper's
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_entry_tiny_variant_has_the_family_classes_and_tokens(fcfg, tinies, name):
+    entry = BACKBONES[name]
+    family = FAMILIES[entry.family]
+    assert BACKBONES[entry.tiny].builds_locally and BACKBONES[entry.tiny].family == entry.family
+    assert entry.builds_locally == (entry.model_id is None) == name.startswith("tiny")
+    if entry.model_id is not None:
+        assert entry.n_layers > 1 and entry.dim > 0
+    bb = tinies(entry.tiny)
+    assert bb.family == entry.family and bb.name == entry.tiny
+    assert type(bb.model).__name__ == family.thinker_class
+    assert type(bb.processor).__name__ == family.processor_class
+    assert (bb.n_layers, bb.dim) == (fcfg.tiny.n_layers + 1, fcfg.tiny.hidden)
+    tok = bb.processor.tokenizer
+    for key, attr in TOKEN_ATTRS.items():
+        token = getattr(bb.processor, attr)
+        assert token == family.special_tokens[attr]  # the released token strings
+        assert bb.token_ids[key] == tok.convert_tokens_to_ids(token) < fcfg.tiny.vocab_size
+    assert len(set(bb.token_ids.values())) == len(TOKEN_ATTRS)
+    cfg = bb.model.config
+    assert (bb.video_token_id, bb.audio_token_id) == (cfg.video_token_id, cfg.audio_token_id)
+    assert (bb.token_ids["video"], bb.token_ids["audio"]) == (cfg.video_token_id, cfg.audio_token_id)
+    assert cfg.vision_start_token_id == bb.token_ids["vision_start"]  # the rope index reads it
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_entry_tiny_variant_native_pass_interleaves_audio_into_video(fcfg, tinies, native_passes, name):
+    entry = BACKBONES[name]
+    bb = tinies(entry.tiny)
+    enc, hs = native_passes(entry.tiny)
     ids = enc["input_ids"][0].tolist()
-    starts = []
-    for w in words:
-        starts.append(len(ids))
-        ids += w
-    ids += tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
-    input_ids = torch.tensor([ids])
-    media = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    with torch.inference_mode():
-        hs = tiny.model.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                              output_hidden_states=True, **media).hidden_states
-    hs = torch.stack(hs, 1)[0]  # (L, S, D)
-    cfg = tiny.model.config
-    vpos = (input_ids[0] == cfg.video_token_id).nonzero().squeeze(1)
-    t, h, w = enc["video_grid_thw"][0].tolist()
-    per_grid = h * w // cfg.vision_config.spatial_merge_size ** 2
-    assert len(vpos) == t * per_grid and t >= 2
-    apos = (input_ids[0] == cfg.audio_token_id).nonzero().squeeze(1)
-    vision = hs[:, vpos[-per_grid:]].mean(1)
-    audio = hs[:, apos[-1]]
-    text = sum(hs[:, s:s + len(w)].mean(1) for s, w in list(zip(starts, words))[1:])  # ross, coffee: bin 3
-    torch.testing.assert_close(torch.from_numpy(got[0]), vision, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(got[1]), audio, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(got[2]), text, rtol=1e-4, atol=1e-4)
-    # the readout is not just any token: the first grid differs from the last
-    assert not torch.allclose(hs[:, vpos[:per_grid]].mean(1), vision)
+    t = bb.token_ids
+    start, end = ids.index(t["vision_start"]), ids.index(t["vision_end"])
+    assert ids[start + 1] == t["audio_start"] and ids[end - 1] == t["audio_end"]
+    media = [i for i, x in enumerate(ids) if x in (t["video"], t["audio"])]
+    assert start < min(media) and max(media) < end
+    grid = enc["video_grid_thw"][0]
+    assert ids.count(t["video"]) == int(grid.prod()) // bb.spatial_merge_size**2
+    assert ids.count(t["audio"]) == 31 * AUDIO_TOKENS_PER_S[entry.family]  # longer than Whisper's 30 s, not cut
+    assert hs.shape == (bb.n_layers, 1, len(ids), bb.dim) and torch.isfinite(hs).all()
 
 
-def test_batched_pass_equals_single_passes(fcfg, tiny):
-    runner = PassRunner(tiny, fcfg.rate_hz, fcfg.video_fps)
-    inp = _inputs(fcfg)
-    inp.words = [inp.words[0], inp.words[0][:1]]  # different prompt lengths: left padding in play
-    both = runner.run(inp)
-    for b in range(2):
-        one = runner.run(PassInputs(frames=[inp.frames[b]], videos=[inp.videos[b]], audios=[inp.audios[b]],
-                                    words=[inp.words[b]]))
-        np.testing.assert_allclose(both[b], one[0], rtol=1e-3, atol=1e-4)
+def test_refused_processor_id_names_the_config_field(tinies):
+    for name in ("tiny", "tiny-qwen2.5-omni"):
+        bb = tinies(name)
+        with pytest.raises(ConfigError, match="video_token_id"):
+            dataclasses.replace(bb, video_token_id=bb.video_token_id + 1).check_processor()
+        ids = dict(bb.token_ids, vision_end=bb.token_ids["vision_end"] + 1)
+        with pytest.raises(ConfigError, match="vision end|vision_end"):
+            dataclasses.replace(bb, token_ids=ids).check_processor()
 
 
-def test_posthoc_passes_see_one_modality(fcfg, tiny):
-    runner = PassRunner(tiny, fcfg.rate_hz, fcfg.video_fps)
-    inp = _inputs(fcfg, n=1)
-    native = runner.run(inp)[0]
-    vision_only = runner.run(PassInputs(frames=inp.frames, videos=inp.videos))[0]
-    audio_only = runner.run(PassInputs(frames=inp.frames, audios=inp.audios))[0]
-    # causal attention: video tokens come first in both prompts, so vision is the same
-    np.testing.assert_allclose(native[0], vision_only[0], rtol=1e-4, atol=1e-5)
-    # the audio tokens attend to the video in the native pass only
-    assert not np.allclose(native[1], audio_only[1], atol=1e-4)
-    assert np.abs(vision_only[1:]).sum() == 0 and np.abs(audio_only[[0, 2]]).sum() == 0
+def test_start_end_ids_come_from_the_processor_where_the_config_has_none(tinies):
+    """A thinker config with only the pad ids (``*_token_index``): the rest are the processor's tokens."""
+    from types import SimpleNamespace
+
+    from mirage.features.backbone import _special_token_ids
+
+    for name in ("tiny", "tiny-qwen2.5-omni"):
+        bb = tinies(name)
+        cfg = bb.model.config
+        bare = SimpleNamespace(video_token_index=cfg.video_token_id, audio_token_index=cfg.audio_token_id,
+                               image_token_index=cfg.image_token_id)
+        assert _special_token_ids(bare, bb.processor) == bb.token_ids
 
 
-def test_cutoff_schedule(fcfg):
-    cut = cutoff_times(np.arange(3), 2.0)
-    np.testing.assert_allclose(cut, [0.5, 1.0, 1.5])
-    paper = load_config("paper").features
-    assert n_video_frames(paper) == 8 and n_video_frames(fcfg) == 4
-    times = video_frame_times(np.array([0.5, 10.0]), paper, duration_s=9.0)
-    assert times.shape == (2, 8)
-    assert times[0].min() == 0.0 and np.all(np.diff(times[1]) >= 0)
-    assert times[1].max() <= 9.0  # clipped to the movie
-    # frames of a cutoff lie in the last video_seconds before it, at video_fps
-    t = video_frame_times(np.array([20.0]), paper, duration_s=60.0)[0]
-    np.testing.assert_allclose(np.diff(t), 0.5) and pytest.approx(20.0, abs=0.01) == t[-1]
-    assert t[0] >= 20.0 - paper.video_seconds
-
-
-def test_words_before_and_bins():
-    ws = [WordSpan(str(i), 0.3 * (i + 1)) for i in range(10)]  # offsets 0.3 ... 3.0
-    got = words_before(ws, 1.5, max_words=3)
-    assert [w.text for w in got] == ["2", "3", "4"]  # offsets 0.9, 1.2, 1.5 (ended at or before 1.5)
-    assert words_before(ws, 1.5, max_words=0) == []
-    assert word_frame(0.0, 2.0) == 0 and word_frame(0.5, 2.0) == 0 and word_frame(0.51, 2.0) == 1
-    assert word_frame(1.0, 2.0) == 1
-
-
-@pytest.mark.parametrize("layout", ["thinker", "full"])
-def test_qwen3_omni_loader_reads_a_local_checkpoint(fcfg, tiny, tmp_path, layout):
-    """The real loader path (from_pretrained, local files only) on a checkpoint saved from the tiny one."""
-    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
-
+def _save_released_layout(tiny, path, layout: str) -> None:
+    """Save a tiny thinker as a whole checkpoint (thinker + talker config, talker off) or alone."""
     if layout == "thinker":
-        tiny.model.save_pretrained(tmp_path)
-    else:  # the released layout: a whole Qwen3-Omni model whose thinker we keep
-        full = Qwen3OmniMoeForConditionalGeneration(
-            Qwen3OmniMoeConfig(thinker_config=tiny.model.config.to_dict(), enable_audio_output=False)
-        )
+        tiny.model.save_pretrained(path)
+    else:
+        _, _, full_cls = FAMILIES[tiny.family].classes()
+        full = full_cls(full_cls.config_class(thinker_config=tiny.model.config.to_dict(), enable_audio_output=False))
         full.thinker.load_state_dict(tiny.model.state_dict())
-        full.save_pretrained(tmp_path)
-    tiny.processor.save_pretrained(tmp_path)
-    bb = load_backbone(fcfg.model_copy(update={"backbone": "qwen3-omni", "model_id": str(tmp_path)}))
-    assert type(bb.model) is type(tiny.model) and bb.name == "qwen3-omni"
-    assert (bb.video_token_id, bb.audio_token_id, bb.n_layers, bb.dim) == (
-        tiny.video_token_id, tiny.audio_token_id, tiny.n_layers, tiny.dim)
+        full.save_pretrained(path)
+    tiny.processor.save_pretrained(path)
+
+
+@pytest.mark.parametrize("name,layout", [(n, "full") for n in PUBLISHED] + [
+    ("qwen3-omni", "thinker"), ("qwen2.5-omni-7b", "thinker")])
+def test_published_entry_loads_a_local_checkpoint(fcfg, tinies, tmp_path, name, layout):
+    """The real loader (from_pretrained, local files only, CPU float32) on the entry's tiny variant saved to disk."""
+    entry = BACKBONES[name]
+    tiny = tinies(entry.tiny)
+    _save_released_layout(tiny, tmp_path, layout)
+    bb = load_backbone(fcfg.model_copy(update={"backbone": name, "model_id": str(tmp_path), "dtype": "bfloat16",
+                                               "gpus_per_actor": 1.0}))
+    assert type(bb.model) is type(tiny.model) and type(bb.processor) is type(tiny.processor)
+    assert bb.name == name and bb.family == entry.family
+    assert (bb.token_ids, bb.n_layers, bb.dim) == (tiny.token_ids, tiny.n_layers, tiny.dim)
+    assert bb.processor.feature_extractor.chunk_length == tiny.processor.feature_extractor.chunk_length
+    gpu = torch.cuda.is_available()
+    assert bb.device.startswith("cuda") if gpu else bb.device == "cpu"
+    weights = bb.model.state_dict()
+    floats = {v.dtype for v in weights.values() if v.is_floating_point()}
+    assert torch.bfloat16 in floats if gpu else floats == {torch.float32}  # features.dtype on GPU, float32 on CPU
     theirs = dict(tiny.model.state_dict())
-    for name, value in bb.model.state_dict().items():
-        torch.testing.assert_close(value, theirs[name], rtol=0, atol=0)
+    for key, value in weights.items():
+        torch.testing.assert_close(value.cpu(), theirs[key].to(value.dtype), rtol=0, atol=0)
 
 
-def test_qwen3_omni_loader_names_a_missing_checkpoint(fcfg, tmp_path):
-    from mirage.errors import ModelLoadError
+def test_qwen2_5_thinker_without_vision_ids_in_its_config_still_interleaves(fcfg, tinies, tmp_path):
+    """A saved thinker config with the pad ids only: start/end ids come from the processor's tokens."""
+    import json
 
+    tiny = tinies("tiny-qwen2.5-omni")
+    _save_released_layout(tiny, tmp_path, "thinker")
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("vision_start_token_id", "vision_end_token_id"):
+        config.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    bb = load_backbone(fcfg.model_copy(update={"backbone": "qwen2.5-omni-3b", "model_id": str(tmp_path)}))
+    assert bb.token_ids == tiny.token_ids
+    p = bb.processor
+    rng = np.random.default_rng(2)
+    video = rng.integers(0, 255, (2, 48, 64, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal(fcfg.audio_rate)).astype(np.float32)
+    enc = p(text=p.vision_bos_token + p.video_token + p.vision_eos_token, videos=[video], audio=[audio],
+            fps=fcfg.video_fps, **bb.processor_kwargs(True))
+    with torch.inference_mode():
+        got = torch.stack(bb.model(**enc, **bb.forward_kwargs(True)).hidden_states)
+        want = torch.stack(tiny.model(**enc, **tiny.forward_kwargs(True)).hidden_states)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_loader_refuses_another_entrys_checkpoint(fcfg):
+    cfg = fcfg.model_copy(update={"backbone": "qwen2.5-omni-7b", "model_id": "Qwen/Qwen3-Omni-30B-A3B-Thinking"})
+    with pytest.raises(ConfigError, match="qwen3-omni-30b-a3b-thinking.*Qwen/Qwen2.5-Omni-7B"):
+        load_backbone(cfg)
+    cfg = fcfg.model_copy(update={"backbone": "qwen3-omni-30b-a3b-instruct",
+                                  "model_id": "Qwen/Qwen3-Omni-30B-A3B-Captioner"})
+    with pytest.raises(ConfigError, match="qwen3-omni-30b-a3b-captioner"):
+        load_backbone(cfg)
+
+
+def test_loader_refuses_a_checkpoint_of_the_other_family(fcfg, tinies, tmp_path):
+    _save_released_layout(tinies("tiny"), tmp_path, "thinker")
+    with pytest.raises(ModelLoadError, match="qwen3_omni_moe_thinker.*qwen2_5_omni"):
+        load_backbone(fcfg.model_copy(update={"backbone": "qwen2.5-omni-3b", "model_id": str(tmp_path)}))
+
+
+def test_loader_names_a_missing_checkpoint(fcfg, tmp_path):
     missing = tmp_path / "no-such-checkpoint"
-    with pytest.raises(ModelLoadError, match="no-such-checkpoint"):
-        load_backbone(fcfg.model_copy(update={"backbone": "qwen3-omni", "model_id": str(missing)}))
+    for name in ("qwen3-omni", "qwen2.5-omni-3b"):
+        with pytest.raises(ModelLoadError, match="no-such-checkpoint"):
+            load_backbone(fcfg.model_copy(update={"backbone": name, "model_id": str(missing)}))
+
+
+def test_qwen3_omni_loads_the_conformance_thinker(fcfg, conformance_dir):
+    """``features.model_id=<saved thinker dir>`` with the paper's backbone name, float32 on the CPU
+    (``gpus_per_actor=0`` keeps it there even where a GPU is visible)."""
+    model_dir = conformance_dir / "features_tiny" / "model"
+    if not model_dir.is_dir():
+        pytest.skip(f"conformance thinker not found at {model_dir}")
+    paper = load_config("paper").features
+    cfg = paper.model_copy(update={"model_id": str(model_dir), "dtype": "float32", "gpus_per_actor": 0.0})
+    bb = load_backbone(cfg)
+    assert bb.family == "qwen3_omni" and bb.name == "qwen3-omni" and (bb.n_layers, bb.dim) == (5, 64)
+    assert bb.token_ids == {"image": 3, "video": 4, "audio": 5, "vision_start": 6, "vision_end": 7,
+                            "audio_start": 8, "audio_end": 9}  # the fixture README's ids
+    assert next(bb.model.parameters()).dtype == torch.float32 and bb.device == "cpu"
+
+
+@pytest.fixture(scope="module")
+def short_movie(tmp_path_factory):
+    """A 1.5 s movie (24 fps, 44.1 kHz mono) and a two-row transcript with three words."""
+    from mirage.data.synth_media import write_mkv
+    from mirage.data.transcripts import Word, write_transcript
+
+    d = tmp_path_factory.mktemp("short_movie")
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 255, (36, 48, 64, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal((1, 3 * 44100 // 2))).astype(np.float32)
+    write_mkv(d / "movie.mkv", frames, 24.0, audio, 44100)
+    write_transcript(d / "movie.tsv", [[Word("hey", 0.1, 0.4), Word("ross!", 0.6, 1.2)], [Word("okay", 1.6, 1.9)]])
+    return d / "movie.mkv", d / "movie.tsv"
+
+
+@pytest.fixture(scope="module")
+def extracted(tinies, short_movie):
+    """The project's extraction (``features.one.extract_video``, native fusion) of the short movie, per tiny variant."""
+    from mirage.features.one import extract_video
+
+    done: dict = {}
+
+    def get(name: str):
+        if name not in done:
+            cfg = load_config("demo", [f"features.backbone={name}", "features.fusion=native"])
+            done[name] = extract_video(cfg, *short_movie, backbone=tinies(name))
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_entry_tiny_variant_through_the_extraction(fcfg, tinies, extracted, name):
+    tiny = BACKBONES[name].tiny
+    bb, feats = tinies(tiny), extracted(tiny)
+    n_media = round(fcfg.rate_hz * 1.5)  # 1.5 s of video and audio
+    n_text = round(fcfg.rate_hz * 2 * fcfg.transcript_tr)  # two transcript rows
+    assert {m: f.shape for m, f in feats.items()} == {
+        "vision": (n_media, bb.n_layers, bb.dim), "audio": (n_media, bb.n_layers, bb.dim),
+        "text": (n_text, bb.n_layers, bb.dim)}
+    for m, f in feats.items():
+        assert f.dtype == np.float32 and np.isfinite(f).all()
+    assert (np.abs(feats["vision"]).sum(axis=(1, 2)) > 0).all() and (np.abs(feats["audio"]).sum(axis=(1, 2)) > 0).all()
+    has_words = np.abs(feats["text"]).sum(axis=(1, 2)) > 0
+    # a word goes into frames [round(2 onset), + max(1, round(2 duration))): hey -> 0, ross! -> 1, okay -> 3
+    assert has_words.tolist() == [True, True, False, True, False, False]

@@ -17,7 +17,6 @@ import pytest
 from mirage.cli import main as cli_main
 from mirage.data.layout import Release
 from mirage.data.media import MediaReader
-from mirage.data.windows import n_feature_frames
 from mirage.features.extract import extract_all
 from mirage.features.store import FeatureStore, open_store, store_key
 
@@ -37,17 +36,26 @@ def _cfg(test_cfg, root, store):
 
 
 def test_store_holds_every_stimulus_with_the_expected_shape(feature_store, synth_root, test_cfg):
+    from mirage.config import MODALITIES
+    from mirage.features.extract import plan_stimulus
+
     stimuli = Release(synth_root).stimuli()
     assert feature_store.stimuli() == sorted(stimuli)
     assert feature_store.verify() == {}
     f = test_cfg.features
     for sid, st in stimuli.items():
-        with MediaReader(st.video) as m:
-            n = n_feature_frames(m.duration, f.rate_hz)
+        plan = plan_stimulus(st.video, st.transcript, f)
+        with MediaReader(st.video) as m:  # audio and vision: one frame per 0.5 s of the movie
+            assert plan.frames["vision"] == plan.frames["audio"] == max(1, round(2 * m.printed_duration))
+        assert feature_store.modality_frames(sid) == plan.frames
         arr = feature_store.read(sid)
-        assert arr.shape == (n, 3, f.tiny.n_layers + 1, f.tiny.hidden) and arr.dtype == np.float16
-        assert np.isfinite(arr).all()
-        assert np.abs(arr[:, :2]).min(axis=(1, 2)).max() > 0  # vision, audio in every frame
+        assert arr.shape == (max(plan.frames.values()), 3, f.tiny.n_layers + 1, f.tiny.hidden)
+        assert arr.dtype == np.float16 and np.isfinite(arr).all()
+        for k, m in enumerate(MODALITIES):  # zero past each modality's own count
+            assert not arr[plan.frames[m]:, k].any(), (sid, m)
+        for k in (0, 1):  # vision, audio in every frame of their own
+            n = plan.frames[MODALITIES[k]]
+            assert np.abs(arr[:n, k]).min(axis=(1, 2)).max() > 0 and np.abs(arr[:n, k]).sum(axis=(1, 2)).min() > 0
     # chaplin has no transcript: no text features; dialogue movies do have some
     assert not feature_store.read("chaplin1")[:, 2].any()
     assert feature_store.read("s01e01a")[:, 2].any()
@@ -144,20 +152,57 @@ def test_verify_command(feature_store, synth_root, test_cfg, capsys):
 
 
 def test_posthoc_fusion_runs_each_modality_alone(feature_store, synth_root, test_cfg):
-    from mirage.features.extract import Extractor, load_words
+    from mirage.features.extract import Extractor, FeatureArrays
 
     st = Release(synth_root).stimuli()["s01e01a"]
     posthoc = test_cfg.features.model_copy(update={"fusion": "posthoc"})
     assert store_key(posthoc) != store_key(test_cfg.features)
-    has_text = np.flatnonzero(np.abs(feature_store.read("s01e01a")[:, 2]).sum(axis=(1, 2)) > 0)
-    lo = max(int(has_text[0]) - 2, 0)  # a span holding a word
-    got = Extractor(posthoc).extract_span(st.video, load_words(st.transcript), lo, lo + 6)  # (6, 3, L, D)
-    native = np.asarray(feature_store.read("s01e01a")[lo:lo + 6], dtype=np.float32)
-    got = got.astype(np.float32)
-    # video tokens come first in both prompts (causal attention): the same vision features
-    np.testing.assert_allclose(got[:, 0], native[:, 0], rtol=1e-2, atol=1e-3)
-    # audio alone no longer sees the video; text alone sees neither
-    assert np.abs(got[:, 1] - native[:, 1]).max() > 1e-2
-    text_frames = np.abs(native[:, 2]).sum(axis=(1, 2)) > 0
-    assert text_frames.any() and np.array_equal(np.abs(got[:, 2]).sum(axis=(1, 2)) > 0, text_frames)
-    assert np.abs(got[text_frames, 2] - native[text_frames, 2]).max() > 1e-2
+    ex = Extractor(posthoc)
+    plan = ex.plan(st.video, st.transcript)
+    first_word = next(i for i, p in enumerate(plan.passes) if p.words)
+    sink = FeatureArrays(plan.frames, ex.backbone.n_layers, ex.backbone.dim)
+    ex.extract_passes(plan, first_word, first_word + 6).write(sink)
+    native = np.asarray(feature_store.read("s01e01a"), dtype=np.float32)
+    for k, m in enumerate(("vision", "audio", "text")):
+        got = sink.arrays[m]
+        done = np.abs(got).sum(axis=(1, 2)) > 0
+        assert done.any(), m
+        # each modality alone through the backbone: other numbers than in the joint pass
+        assert np.abs(got[done] - native[: len(got)][done, k]).max() > 1e-2, m
+
+
+def test_batched_passes_equal_single_passes(synth_root, test_cfg):
+    """Passes batched into one padded forward (equal audio windows only) give the single-pass features."""
+    from mirage.features.extract import Extractor, FeatureArrays, _batches
+
+    assert _batches([5, 5, 5, 6, 6, 5], 2) == [[0, 1], [2], [3, 4], [5]]
+    st = Release(synth_root).stimuli()["s01e01a"]
+    got = {}
+    for batch in (1, 8):
+        ex = Extractor(test_cfg.features.model_copy(update={"pass_batch": batch}))
+        plan = ex.plan(st.video, st.transcript)
+        sink = FeatureArrays(plan.frames, ex.backbone.n_layers, ex.backbone.dim)
+        ex.extract_passes(plan, 10, 34).write(sink)  # past the first audio window: batches of 8
+        got[batch] = sink.arrays
+    for m, single in got[1].items():
+        assert np.abs(single).max() > 0, m
+        np.testing.assert_allclose(got[8][m], single, atol=1e-4 * max(1.0, float(np.abs(single).max())), rtol=0)
+
+
+def test_features_one_command_writes_each_modality(feature_store, synth_root, test_cfg, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    st = Release(synth_root).stimuli()["s01e01a"]
+    out = tmp_path / "one.safetensors"
+    sets = sum([["--set", o] for o in _test_overrides(test_cfg)], [])
+    code = cli_main(["features", "one", str(st.video), "--transcript", str(st.transcript), "--out", str(out), *sets])
+    assert code == 0 and str(out) in capsys.readouterr().out
+    got = load_file(str(out))
+    assert sorted(got) == ["audio", "text", "vision"]
+    stored = feature_store.read("s01e01a")
+    frames = feature_store.modality_frames("s01e01a")
+    for k, m in enumerate(("vision", "audio", "text")):
+        assert got[m].dtype == np.float32 and got[m].shape == (frames[m], *stored.shape[2:])
+        np.testing.assert_array_equal(got[m].astype(np.float16), stored[: frames[m], k])  # the store's numbers
+    assert cli_main(["features", "one", str(tmp_path / "none.mkv"), "--out", str(out), *sets]) == 1
+    assert "none.mkv" in capsys.readouterr().err

@@ -24,12 +24,13 @@ def _feats(n=10, layers=5, dim=8, seed=0):
 def test_key_changes_with_every_extraction_parameter(fcfg):
     base = store_key(fcfg)
     for change in ({"video_seconds": 3.0}, {"rate_hz": 1.0}, {"max_words": 10}, {"revision": "x"},
-                   {"fusion": "posthoc"}, {"model_id": "other"}, {"audio_seconds": 2.0}, {"max_frames": 2}):
+                   {"fusion": "posthoc"}, {"model_id": "other"}, {"audio_seconds": 2.0}, {"max_frames": 2},
+                   {"audio_decode_rate": 48000}, {"transcript_tr": 1.0}, {"video_max_pixels": 8192}):
         assert store_key(fcfg.model_copy(update=change)) != base, change
     tiny = fcfg.tiny.model_copy(update={"seed": 1})
     assert store_key(fcfg.model_copy(update={"tiny": tiny})) != base
     # how the work is run does not change the numbers, nor the key
-    for same in ({"actors": 4}, {"cutoffs_per_item": 7}, {"pass_batch": 3}, {"store": "/elsewhere"}):
+    for same in ({"actors": 4}, {"cutoffs_per_item": 7}, {"torch_threads": 3}, {"store": "/elsewhere"}):
         assert store_key(fcfg.model_copy(update=same)) == base, same
 
 
@@ -149,3 +150,55 @@ def test_store_pickles_without_its_mapped_data(fcfg):
     blob = pickle.dumps(store)
     assert len(blob) < 20_000  # the 2000-frame array is not in the pickle
     np.testing.assert_array_equal(pickle.loads(blob).read("a"), store.read("a"))
+
+
+def _reference_window(x: np.ndarray, start_s: float, duration_s: float, hz: float = 2.0) -> np.ndarray:
+    """The reference's per-modality training slice: rows round(start * hz) on, zero outside its own frames."""
+    n_out = max(1, int(round(duration_s * hz)))
+    out = np.zeros((n_out, *x.shape[1:]), x.dtype)
+    i0 = int(round(start_s * hz))
+    lo, hi = max(0, i0), min(len(x), i0 + n_out)
+    if hi > lo:
+        out[lo - i0: hi - i0] = x[lo:hi]
+    return out
+
+
+def test_modalities_keep_their_own_frame_counts(fcfg):
+    """One array of max(counts) rows, zero past each modality's count: windows sliced by time equal the
+    reference's per-modality slices."""
+    rng = np.random.default_rng(3)
+    frames = {"vision": 30, "audio": 29, "text": 33}
+    per = {m: rng.standard_normal((n, 5, 8)).astype(np.float16) for m, n in frames.items()}
+    w = StoreWriter(fcfg)
+    part = w.begin("a", (33, 3, 5, 8), frames)
+    for k, m in enumerate(("vision", "audio", "text")):
+        for i in range(frames[m]):
+            part.set(k, i, per[m][i])
+    with pytest.raises(FeatureStoreError, match="audio frames \\[29, 30\\)"):
+        part.set(1, 29, per["audio"][0])  # past audio's own count
+    part.commit()
+    store = FeatureStore(w.root)
+    assert store.modality_frames("a") == frames and store.n_frames("a") == 33 and store.verify() == {}
+    for start_s, dur_s in ((-4.47, 10.0), (0.0, 16.5), (10.5, 8.0), (14.0, 3.0)):
+        i0 = int(round(start_s * 2))
+        win = store.read_window("a", i0, i0 + int(round(dur_s * 2)))
+        for k, m in enumerate(("vision", "audio", "text")):
+            np.testing.assert_array_equal(win[:, k], _reference_window(per[m], start_s, dur_s), err_msg=f"{m} {start_s}")
+
+
+def test_word_vectors_add_up_and_overflow_is_refused(fcfg):
+    w = StoreWriter(fcfg)
+    part = w.begin("a", (4, 3, 5, 8), {"vision": 4, "audio": 4, "text": 3})
+    one = np.ones((5, 8), np.float32)
+    part.add(2, 0, 2, one)
+    part.add(2, 1, 3, 2 * one)  # two words in frame 1: their sum
+    part.commit()
+    text = FeatureStore(w.root).read("a")[:, 2, 0, 0].tolist()
+    assert text == [1.0, 3.0, 2.0, 0.0]
+    part = w.begin("b", (4, 3, 5, 8))
+    part.set(0, 0, np.full((5, 8), 7e4, np.float32))
+    with pytest.raises(FeatureStoreError, match="overflow float16"):
+        part.commit()
+    assert not FeatureStore(w.root).has("b") and not list(w.root.glob("*.tmp-*"))
+    with pytest.raises(FeatureStoreError, match="frame counts"):
+        w.begin("c", (4, 3, 5, 8), {"vision": 5})

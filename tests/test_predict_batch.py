@@ -81,9 +81,10 @@ def test_score_val_predictions(ray_session, serve_cfg, cfg_file, exported_model,
         per_subject.setdefault(run.subject, []).append(run)
     want = []
     for sub, runs in per_subject.items():
-        p = np.concatenate([preds[f"{sub}/{r.key.split('task-')[1]}"] for r in runs])
+        # the official rule: 5 TRs dropped at both edges of every chunk, then concatenated
+        p = np.concatenate([preds[f"{sub}/{r.key.split('task-')[1]}"][5:-5] for r in runs])
         ys = [load_fmri(r.path, r.key).astype(np.float64) for r in runs]
-        t = np.concatenate([(y - y.mean(0)) / y.std(0) for y in ys])
+        t = np.concatenate([((y - y.mean(0)) / y.std(0))[5:-5] for y in ys])
         r_sub = np.mean([pearsonr(p[:, j], t[:, j])[0] for j in range(p.shape[1])])
         assert scores[sub] == pytest.approx(r_sub, abs=1e-6)
         want.append(r_sub)

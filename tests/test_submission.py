@@ -143,8 +143,84 @@ def test_ood_score_follows_the_official_rule():
     assert score_predictions(targets, targets, "ood")["score"] == pytest.approx(1.0)
     shuffled = {s: {k: rng.standard_normal(t.shape) for k, t in c.items()} for s, c in targets.items()}
     assert abs(score_predictions(shuffled, targets, "ood")["score"]) < 0.2
-    friends = score_predictions(preds, targets, "friends-s7")
-    assert friends["score"] != pytest.approx(got["score"]), "edge TRs are kept outside OOD"
+
+
+S7 = {"sub-01": {"s07e01a": 40, "s07e01b": 35, "s07e02a": 30}, "sub-03": {"s07e01a": 40, "s07e01b": 35, "s07e02a": 30}}
+
+
+def _exact_inside_noise_at_edges(edge=5, parcels=6, seed=4):
+    rng = np.random.default_rng(seed)
+    targets = {s: {k: rng.standard_normal((n, parcels)) for k, n in c.items()} for s, c in S7.items()}
+    preds = {}
+    for s, c in targets.items():
+        for k, t in c.items():
+            p = t.copy()
+            p[:edge] = rng.standard_normal((edge, parcels)) * 10
+            p[-edge:] = rng.standard_normal((edge, parcels)) * 10
+            preds.setdefault(s, {})[k] = p
+    return preds, targets
+
+
+@pytest.mark.parametrize("split", ["friends-s7", "val"])
+def test_friends_score_drops_five_trs_at_both_edges_of_every_episode_chunk(split):
+    """Exact inside, noise in the first and last 5 TRs of every chunk: 1.0 only with the edge rule."""
+    preds, targets = _exact_inside_noise_at_edges()
+    got = score_predictions(preds, targets, split)
+    assert got["score"] == pytest.approx(1.0, abs=1e-12)
+    assert set(got) == {"score", "sub-01", "sub-03", "sub-01/s07", "sub-03/s07"}  # one group: the season
+    # without the rule (all TRs concatenated) the edge noise costs: checked against scipy
+    for s in S7:
+        p = np.concatenate([preds[s][k] for k in sorted(S7[s])])
+        t = np.concatenate([targets[s][k] for k in sorted(S7[s])])
+        assert np.mean([pearsonr(p[:, j], t[:, j])[0] for j in range(p.shape[1])]) < 0.6
+    # noise one TR inside the kept range is not forgiven
+    preds["sub-01"]["s07e01b"][5] += 100.0
+    assert score_predictions(preds, targets, split)["score"] < 0.99
+    with pytest.raises(DataError, match="split"):
+        score_predictions(preds, targets, "s8")
+
+
+def test_friends_edge_rule_matches_the_official_concatenation_with_scipy():
+    rng = np.random.default_rng(5)
+    targets = {s: {k: rng.standard_normal((n, 4)) for k, n in c.items()} for s, c in S7.items()}
+    preds = {s: {k: t + rng.standard_normal(t.shape) for k, t in c.items()} for s, c in targets.items()}
+    got = score_predictions(preds, targets, "friends-s7")
+    for s in S7:
+        p = np.concatenate([preds[s][k][5:-5] for k in S7[s]])
+        t = np.concatenate([targets[s][k][5:-5] for k in S7[s]])
+        assert got[s] == pytest.approx(np.mean([pearsonr(p[:, j], t[:, j])[0] for j in range(4)]), abs=1e-9)
+
+
+def test_a_single_npy_of_any_name_is_read(tmp_path):
+    preds = _preds(S7)
+    path = write_submission(preds, "friends-s7", tmp_path, S7)
+    with zipfile.ZipFile(path) as zf:
+        raw = zf.read("fmri_predictions_friends_s7.npy")
+    ood = _preds()
+    cases = (("team_x.npy", "friends-s7", raw, preds), ("sub/dir/preds.npy", "ood", npy_bytes(ood), ood))
+    for name, split, data, want in cases:
+        other = tmp_path / f"{split}-renamed.zip"
+        with zipfile.ZipFile(other, "w") as zf:
+            zf.writestr(name, data)
+        got_split, back = read_submission(other)
+        assert got_split == split
+        assert {s: set(c) for s, c in back.items()} == {s: set(c) for s, c in want.items()}
+        key = sorted(want["sub-01"])[0]
+        np.testing.assert_allclose(back["sub-01"][key], want["sub-01"][key], rtol=1e-6)
+    not_npy = tmp_path / "txt.zip"
+    with zipfile.ZipFile(not_npy, "w") as zf:
+        zf.writestr("preds.txt", raw)
+    with pytest.raises(DataError, match="exactly one file, a .npy"):
+        read_submission(not_npy)
+    empty = tmp_path / "empty.zip"
+    zipfile.ZipFile(empty, "w").close()
+    with pytest.raises(DataError, match="exactly one"):
+        read_submission(empty)
+    junk = tmp_path / "junk.zip"
+    with zipfile.ZipFile(junk, "w") as zf:
+        zf.writestr("x.npy", b"not an npy")
+    with pytest.raises(DataError, match="not a readable .npy"):
+        read_submission(junk)
 
 
 def test_val_predictions_file_round_trip(tmp_path):

@@ -122,7 +122,7 @@ def test_restarted_run_resumes_and_is_tracked(train_cfg, ray_local, tmp_path):
     assert run.data.params["model.n_queries"] == str(flat["model.n_queries"])
     assert run.data.params["train.lr"] == str(flat["train.lr"])
     assert len(run.data.params) == len(flat)
-    for key in ("train_loss", "val_r", "val_r/sub-01", "val_r/sub-05"):
+    for key in ("train_loss", "val_r", "val_r_pooled", "val_r_per_subject", "val_r/sub-01", "val_r/sub-05"):
         steps = {m.step for m in client.get_metric_history(run_id, key)}
         assert steps == set(range(4)), (key, steps)
     assert run.data.metrics["best_val_r"] == pytest.approx(res.best_val_r)

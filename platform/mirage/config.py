@@ -104,6 +104,11 @@ class DataConfig(Section):
     max_length_mismatch_trs: int = Field(
         5, ge=0, description="Largest tolerated difference between fMRI and stimulus length in TRs."
     )
+    skip_runs: list[str] = Field(
+        default_factory=lambda: ["s04e01a", "s04e01b", "s04e13b", "s05e20a", "s06e03a"],
+        description="Stimulus ids left out of every split for every subject. Default (the reference's): s06e03a "
+        "and the runs missing for one subject (sub-02 s05e20a; sub-05 s04e01a, s04e01b, s04e13b).",
+    )
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic dataset parameters.")
 
 
@@ -136,29 +141,57 @@ class FeaturesConfig(Section):
     """Stimulus-to-feature extraction and the feature store."""
 
     store: str = Field("", description="Feature store root; empty = <outputs>/features.")
-    backbone: Literal["tiny", "qwen3-omni"] = Field("qwen3-omni", description="Backbone registry name.")
+    backbone: Literal[
+        "qwen3-omni", "qwen3-omni-30b-a3b-thinking", "qwen3-omni-30b-a3b-instruct", "qwen3-omni-30b-a3b-captioner",
+        "qwen2.5-omni-3b", "qwen2.5-omni-7b", "tiny", "tiny-qwen2.5-omni",
+    ] = Field(
+        "qwen3-omni",
+        description="Backbone registry name (mirage.features.backbone.BACKBONES): a published checkpoint's "
+        "family and id, or a tiny random variant built locally (tiny = Qwen3-Omni, tiny-qwen2.5-omni).",
+    )
     model_id: str = Field("Qwen/Qwen3-Omni-30B-A3B-Thinking", description="Checkpoint id or local path.")
     revision: str = Field("main", description="Checkpoint revision, recorded in the store key.")
     local_files_only: bool = Field(
         True, description="Load the checkpoint from the local Hugging Face cache or path only (no download race)."
     )
     fusion: Literal["native", "posthoc"] = Field(
-        "native", description="native: all modalities in one pass; posthoc: each modality alone."
+        "native",
+        description="native: one pass per cutoff with video, audio (inside the video block) and transcript "
+        "together; posthoc: each modality alone through the backbone (the reference's --context-modalities m).",
     )
     rate_hz: float = Field(2.0, gt=0, description="Rate of extraction cutoffs (feature frames per second).")
     video_seconds: float = Field(4.0, gt=0, description="Video context before each cutoff in seconds.")
     video_fps: float = Field(2.0, gt=0, description="Frame rate at which video context is sampled.")
     max_frames: int = Field(8, ge=1, description="At most this many video frames per pass.")
+    video_min_pixels: int | None = Field(
+        None, ge=1, description="Smallest frame area after the processor's resize; None = the processor call's "
+        "default (Qwen3-Omni: 131072, as the reference extracts)."
+    )
+    video_max_pixels: int | None = Field(
+        None, ge=1, description="Largest frame area after the processor's resize; None = the processor call's "
+        "default (Qwen3-Omni: 786432)."
+    )
     audio_seconds: float = Field(60.0, gt=0, description="Audio context before each cutoff in seconds.")
     audio_rate: int = Field(16000, description="Audio sample rate fed to the backbone.")
-    max_words: int = Field(1024, ge=0, description="At most this many transcript words per pass.")
+    audio_decode_rate: int = Field(
+        44100, gt=0, description="Rate of the int16 stereo PCM the track is decoded to before resampling to audio_rate."
+    )
+    max_words: int = Field(1024, ge=0, description="At most this many transcript words per pass (at least 1 is kept).")
+    transcript_tr: float = Field(
+        1.49, gt=0, description="Seconds per transcript row: text lasts max(rows x this, last word end)."
+    )
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Backbone dtype on GPU.")
     actors: int = Field(1, ge=1, description="Ray Data actor pool size (backbone replicas).")
     gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per extraction actor (0 on CPU).")
     cpus_per_actor: float = Field(1.0, ge=0, description="Logical CPUs per extraction actor.")
     batch_size: int = Field(1, ge=1, description="Work items per actor call.")
-    cutoffs_per_item: int = Field(32, ge=1, description="Cutoffs in one work item (a span of one stimulus run).")
-    pass_batch: int = Field(1, ge=1, description="Cutoffs run through the backbone together in one padded forward pass.")
+    cutoffs_per_item: int = Field(
+        32, ge=1, description="Passes (distinct cutoffs: 2 Hz steps and word ends) in one work item of one stimulus."
+    )
+    pass_batch: int = Field(
+        1, ge=1, description="Passes with equal audio windows run through the backbone together in one padded "
+        "forward (the same features within float tolerance)."
+    )
     torch_threads: int = Field(0, ge=0, description="CPU threads of torch per extraction process; 0 = torch default.")
     tiny: TinyBackboneConfig = Field(default_factory=TinyBackboneConfig, description="The tiny backbone.")
 
@@ -183,13 +216,26 @@ class ModelConfig(Section):
     query_init_std: float = Field(0.02, gt=0, description="Std of the query initialisation.")
     hidden_dim: int = Field(3072, ge=3, description="Fused width (projection per modality = hidden_dim // n_mod).")
     modality_dropout: float = Field(0.3, ge=0, lt=1, description="Probability of zeroing a whole modality.")
+    modality_dropout_per: Literal["sample", "batch"] = Field(
+        "sample",
+        description="How modality dropout is drawn in training: 'sample' for each window independently; 'batch' "
+        "once per batch (on each rank), zeroing the same modalities in every window (reference). At least one "
+        "modality is always kept.",
+    )
     depth: int = Field(8, ge=1, description="Transformer blocks of the brain encoder.")
     heads: int = Field(8, ge=1, description="Attention heads of the brain encoder.")
     ff_mult: int = Field(4, ge=1, description="Feed-forward expansion of the brain encoder.")
     attn_dropout: float = Field(0.0, ge=0, lt=1, description="Attention dropout of the brain encoder.")
     ff_dropout: float = Field(0.0, ge=0, lt=1, description="Feed-forward dropout of the brain encoder.")
     max_time_len: int = Field(1024, ge=1, description="Rows of the learned time position table.")
-    time_init_std: float = Field(0.02, gt=0, description="Std of the time position table initialisation.")
+    time_init_std: float = Field(
+        0.02, gt=0, description="Std of the time position table initialisation (reference: 1.0, a standard normal)."
+    )
+    head_init: Literal["uniform", "normal"] = Field(
+        "uniform",
+        description="Subject head initialisation, D = fused width: 'uniform' weights U(-D^-1/2, D^-1/2) and bias 0; "
+        "'normal' weights and bias N(0, std D^-1/2) (reference).",
+    )
     rotary_base: float = Field(10000.0, gt=1, description="Base of the rotary frequencies (first dim_head // 2 channels).")
 
     @field_validator("modalities")
@@ -211,17 +257,31 @@ class ModelConfig(Section):
 
 
 class BaselineConfig(Section):
-    """Ridge baselines (the Algonauts 2025 challenge recipe) on our feature store."""
+    """Ridge baselines: the official Algonauts 2025 challenge recipe, applied to our feature store."""
 
-    hrf_delay_trs: int = Field(3, ge=0, description="Features end this many TRs before the predicted fMRI sample.")
-    stimulus_window: int = Field(5, ge=1, description="TRs of features concatenated per fMRI sample.")
-    pca_components: int = Field(250, ge=1, description="PCA components per modality (fit on the train split).")
+    hrf_delay_trs: int = Field(3, ge=0, description="Features end this many TRs before the predicted fMRI TR (official: 3).")
+    stimulus_window: int = Field(
+        5, ge=1, description="TRs of vision and audio features per fMRI TR (official: 5); text uses one TR."
+    )
+    excluded_edge_trs: int = Field(
+        5, ge=0, description="fMRI TRs left out of training at the start and at the end of every run (official: 5)."
+    )
+    pca_components: int = Field(
+        250, ge=1, description="PCA components per modality after a StandardScaler, fit on the train stimuli (official: 250)."
+    )
+    audio_pca_components: int | None = Field(
+        None, ge=1,
+        description="official-challenge audio components; None keeps them all (official: audio kept whole, PCA to its own width).",
+    )
+    pca_seed: int = Field(20200220, description="random_state of the PCA (official: 20200220).")
     alphas: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6],
-        description="RidgeCV candidate alphas (one chosen per parcel, leave-one-out).",
+        default_factory=lambda: [1e6, 1e5, 1e4, 1e3, 100.0, 10.0, 1.0, 0.5, 0.1, 0.05, 0.01, 0.005, 1e-3, 1e-4, 1e-5],
+        description="RidgeCV candidate alphas, one chosen per parcel by leave-one-out (official: these 15).",
     )
     challenge_layer: float = Field(
-        0.5, ge=0, le=1, description="Challenge baseline: the one layer per modality, as a fraction of depth."
+        1.0, ge=0, le=1,
+        description="official-challenge: the one store layer per modality, as a fraction of depth (1.0 = last, "
+        "as the official extractors read final representations).",
     )
 
 
@@ -235,8 +295,18 @@ class TrainConfig(Section):
     warmup_frac: float = Field(0.1, ge=0, lt=1, description="Fraction of steps warming up (OneCycle pct_start).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
     seed: int = Field(33, description="Seed of initialisation, shuffling and dropout.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Autocast of training and validation: auto = bf16 on GPU, none (fp32) on CPU; bf16; fp16 with "
+        "dynamic loss scaling (torch.amp.GradScaler, also under FSDP2; the reference's '16-mixed'); "
+        "fp32 = no autocast.",
+    )
+    selection_metric: Literal["per_subject", "pooled"] = Field(
+        "per_subject",
+        description="Validation score that picks the best epoch, reported as val_r (both are logged every epoch, "
+        "as val_r_per_subject and val_r_pooled): per_subject = mean over subjects of the mean over parcels of r "
+        "over real fMRI rows; pooled = r per parcel over every row of every validation window of all subjects, "
+        "rows past a run's end (zero fMRI) included, then the mean over parcels (reference).",
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (FSDP2 ranks).")
     use_gpu: bool = Field(True, description="One GPU per worker.")
@@ -294,8 +364,10 @@ class EnsembleConfig(Section):
     n_members: int = Field(15, ge=1, description="Members in all.")
     top_k: int = Field(5, ge=1, description="Best sweep configs used; members cycle seeds over them.")
     temperature: float = Field(0.3, gt=0, description="Softmax temperature over members' validation r.")
-    fit_fraction: float = Field(
-        0.5, gt=0, lt=1, description="Share of validation runs that fit the weights; the rest scores."
+    epoch_predictions: bool = Field(
+        True,
+        description="Training logs every epoch's whole-run validation predictions (val_predictions/epoch_NNNN.npz), "
+        "from which the ensemble's cross-fitted score chooses each member's epoch on one fold of the validation runs.",
     )
     registry_name: str = Field("mirage", description="Model Registry name of the ensemble.")
     alias: str = Field("champion", description="Registry alias set on the new version.")

@@ -14,8 +14,9 @@ import numpy as np
 
 from mirage.errors import DataError
 
-METRIC_VERSION = "1"
-OOD_EDGE_TRS = 5  # Algonauts 2025: first and last TRs of each split dropped before scoring
+METRIC_VERSION = "2"
+EDGE_TRS = 5
+"""TRs dropped at each end of every chunk before scoring (official Algonauts 2025 test code, S7 and OOD)."""
 
 
 def pearson_r(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-12) -> np.ndarray:
@@ -75,6 +76,22 @@ def chunk_group(chunk: str) -> str:
     return re.sub(r"\d+$", "", chunk) or chunk
 
 
+def trim_edges(x: np.ndarray, edge_trs: int = EDGE_TRS) -> np.ndarray:
+    """Rows ``edge_trs .. n - edge_trs`` of a chunk (axis -2 is time); at most 2 * edge_trs rows leave it empty.
+
+    x: (..., n_trs, n_parcels) -> (..., max(n_trs - 2 * edge_trs, 0), n_parcels).
+    """
+    n = x.shape[-2]
+    if edge_trs <= 0:
+        return x
+    return x[..., edge_trs: max(n - edge_trs, edge_trs), :]
+
+
+def concat_trimmed(chunks: list[np.ndarray], edge_trs: int = EDGE_TRS) -> np.ndarray:
+    """Chunks with their edges dropped, concatenated over time (axis -2), as the official rule scores them."""
+    return np.concatenate([trim_edges(np.asarray(c), edge_trs) for c in chunks], axis=-2)
+
+
 @dataclass
 class AlgonautsScore:
     """Mean r over subjects; per subject; per subject and group; per-parcel r (subject -> group -> (P,))."""
@@ -96,18 +113,19 @@ class AlgonautsScore:
 def algonauts_score(
     predictions: Mapping[str, Mapping[str, np.ndarray]],
     targets: Mapping[str, Mapping[str, np.ndarray]],
-    edge_trs: int = OOD_EDGE_TRS,
+    edge_trs: int = EDGE_TRS,
     group: Callable[[str], str] = chunk_group,
 ) -> AlgonautsScore:
-    """The Algonauts 2025 rule.
+    """The Algonauts 2025 rule, as in the official test code for Friends S7 and the OOD movies.
 
-    Per subject and group (movie): drop the first and last ``edge_trs`` TRs of each chunk,
-    concatenate the chunks, Pearson r per parcel, mean over parcels; then mean over
-    groups, then over subjects.
+    Per subject and group (an OOD movie; a Friends season): drop the first and last
+    ``edge_trs`` TRs of each chunk (episode half or movie split), concatenate the chunks,
+    Pearson r per parcel, mean over parcels; then mean over groups, then over subjects.
+    Friends S7 is one group (``s07``), so its score is the r of all episodes concatenated
+    after each lost its edges; the validation season S06 is scored the same way.
 
     predictions, targets: subject -> chunk key -> (n_trs, n_parcels); every target chunk
     needs a prediction of the same shape. Raises DataError naming the subject/chunk otherwise.
-    OOD: the defaults. Friends S7 (one group per season, no edge rule in DESIGN): ``edge_trs=0``.
     """
     parcels: dict[str, dict[str, np.ndarray]] = {}
     groups: dict[str, dict[str, float]] = {}
@@ -124,10 +142,9 @@ def algonauts_score(
                 raise DataError(f"score: {sub}/{chunk}: prediction shape {p.shape}, expected the fMRI shape {t.shape}")
             if not np.isfinite(p).all():
                 raise DataError(f"score: {sub}/{chunk}: prediction holds NaN/inf")
-            keep = slice(edge_trs, p.shape[0] - edge_trs) if edge_trs else slice(None)
             ps, ts = by_group.setdefault(group(chunk), ([], []))
-            ps.append(p[keep])
-            ts.append(t[keep])
+            ps.append(trim_edges(p, edge_trs))
+            ts.append(trim_edges(t, edge_trs))
         parcels[sub], groups[sub] = {}, {}
         for g, (ps, ts) in by_group.items():
             p, t = np.concatenate(ps), np.concatenate(ts)

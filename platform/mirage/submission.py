@@ -1,7 +1,7 @@
 """Algonauts 2025 submission files (Codabench) and scoring with the official rule.
 
-A submission is a zip holding exactly one ``.npy`` file, ``fmri_predictions_friends_s7.npy``
-or ``fmri_predictions_ood.npy``: a pickled dict ``{subject: {chunk_key: float32 (n_trs,
+A submission is a zip holding exactly one ``.npy`` file (written as ``fmri_predictions_friends_s7.npy``
+or ``fmri_predictions_ood.npy``; any single ``.npy`` name is read): a pickled dict ``{subject: {chunk_key: float32 (n_trs,
 n_parcels)}}`` with ``n_trs`` equal to the target sample numbers and no NaN. The grader
 reads it with ``np.load(path, allow_pickle=True).item()`` under numpy < 2, so the pickle
 written here references only ``numpy.array``, ``numpy.ndarray`` and ``builtins.bytearray``
@@ -28,8 +28,6 @@ SPLITS = ("friends-s7", "ood")
 NPY_NAMES = {"friends-s7": "fmri_predictions_friends_s7.npy", "ood": "fmri_predictions_ood.npy"}
 ZIP_NAMES = {"friends-s7": "fmri_predictions_friends_s7.zip", "ood": "fmri_predictions_ood.zip"}
 PICKLE_PROTOCOL = 4
-OOD_EDGE_TRS = 5
-"""TRs dropped at each end of every OOD split before scoring (official rule)."""
 
 Predictions = dict[str, dict[str, np.ndarray]]
 
@@ -152,8 +150,12 @@ def write_submission(
 def read_submission(path: str | os.PathLike) -> tuple[str, Predictions]:
     """Read a submission zip the way the grader does: ``(split, {subject: {chunk: array}})``.
 
+    The zip must hold exactly one file, a ``.npy`` of any name. The split comes from the
+    official names when used, else from the chunk keys (``s07e..`` keys: ``friends-s7``,
+    anything else: ``ood``).
+
     Raises:
-        DataError: not a zip, not exactly one ``.npy``, an unknown file name, not a dict of dicts of arrays.
+        DataError: not a zip, not exactly one ``.npy``, not a dict of dicts of arrays.
     """
     path = Path(path)
     try:
@@ -161,17 +163,21 @@ def read_submission(path: str | os.PathLike) -> tuple[str, Predictions]:
             names = [n for n in zf.namelist() if not n.endswith("/")]
             npys = [n for n in names if n.endswith(".npy")]
             if len(npys) != 1 or len(names) != 1:
-                raise DataError(f"{path}: expected exactly one .npy file, found {names}")
+                raise DataError(f"{path}: expected exactly one file, a .npy (any name), found {names}")
             raw = zf.read(npys[0])
     except zipfile.BadZipFile as e:
         raise DataError(f"{path}: not a zip file ({e})") from None
-    split = {v: k for k, v in NPY_NAMES.items()}.get(Path(npys[0]).name)
-    if split is None:
-        raise DataError(f"{path}: {npys[0]} is not one of {sorted(NPY_NAMES.values())}")
-    obj = np.load(io.BytesIO(raw), allow_pickle=True)
+    try:
+        obj = np.load(io.BytesIO(raw), allow_pickle=True)
+    except (ValueError, OSError, pickle.UnpicklingError, EOFError) as e:
+        raise DataError(f"{path}: {npys[0]} is not a readable .npy ({e})") from None
     data = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise DataError(f"{path}: expected a dict subject -> dict chunk -> array, got {type(data).__name__}")
+    split = {v: k for k, v in NPY_NAMES.items()}.get(Path(npys[0]).name)
+    if split is None:
+        keys = {k for chunks in data.values() for k in chunks}
+        split = "friends-s7" if keys and all(str(k).startswith("s07") for k in keys) else "ood"
     return split, data
 
 
@@ -186,16 +192,20 @@ def score_predictions(
     """Score with the official rule: ``{"score": mean r, "<subject>": r, "<subject>/<group>": r}``.
 
     :func:`mirage.metrics.algonauts_score`: per subject and group (an OOD movie, a Friends
-    season) the chunks are concatenated over time (OOD: after dropping the first and last 5
-    TRs of each chunk), Pearson r per parcel, mean over parcels, then over groups and subjects.
+    season) the chunks are concatenated over time after dropping the first and last 5 TRs of
+    each chunk, Pearson r per parcel, mean over parcels, then over groups and subjects. The
+    official test code applies this edge rule to Friends S7 and to the OOD movies alike; the
+    validation season is scored in the same form.
 
     Args:
         preds, targets: subject -> chunk key -> (n_trs, n_parcels), same keys and shapes.
-        split: ``"ood"`` (edge rule) or ``"friends-s7"`` / ``"val"`` (no edge rule).
+        split: ``"ood"``, ``"friends-s7"`` or ``"val"``.
     """
-    from mirage.metrics import algonauts_score
+    from mirage.metrics import EDGE_TRS, algonauts_score
 
-    return algonauts_score(preds, targets, edge_trs=OOD_EDGE_TRS if split == "ood" else 0).flat()
+    if split not in (*SPLITS, "val"):
+        raise DataError(f"scoring split {split!r}: expected one of {[*SPLITS, 'val']}")
+    return algonauts_score(preds, targets, edge_trs=EDGE_TRS).flat()
 
 
 # -------------------------------------------------------- predictions on disk

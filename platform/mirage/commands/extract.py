@@ -1,4 +1,4 @@
-"""``mirage extract`` and ``mirage features verify``."""
+"""``mirage extract``, ``mirage features verify`` and ``mirage features one``."""
 
 from __future__ import annotations
 
@@ -54,3 +54,23 @@ def features_verify(cfg: Config, a: argparse.Namespace) -> int:
         print(f"mirage: error: {problem}", file=sys.stderr)
     print(f"feature store {store.root}: {len(store.stimuli())} stimuli, {len(problems)} problems")
     return 0 if not problems else 1
+
+
+def _one_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="movie file with its audio track (mkv, mp4, ...)")
+    p.add_argument("--transcript", default=None, help="Algonauts-layout transcript tsv of the movie (default: no text)")
+    p.add_argument("--out", required=True, help="output .safetensors: vision, audio, text as float32 (n_frames, n_layers, dim)")
+
+
+@command("features one", "extract the features of one movie in this process into a safetensors file", _one_args)
+def features_one(cfg: Config, a: argparse.Namespace) -> int:
+    from mirage.features.one import extract_video, save_features
+    from mirage.features.store import store_key
+
+    feats = extract_video(cfg, a.video, a.transcript)
+    f = cfg.features
+    meta = {"backbone": f.backbone, "model_id": f.model_id, "fusion": f.fusion, "rate_hz": str(f.rate_hz),
+            "key": store_key(f)}
+    out = save_features(feats, a.out, metadata=meta)
+    print(f"{out}: " + ", ".join(f"{m} {tuple(v.shape)}" for m, v in feats.items()))
+    return 0

@@ -87,7 +87,7 @@ def score_cmd(cfg: Config, a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(scores))
     else:
-        print(f"{split} score (mean Pearson r): {scores['score']:.4f}")
+        print(f"{split} score (mean Pearson r; first and last 5 TRs of every chunk dropped): {scores['score']:.4f}")
         for sub in sorted(targets):
             print(f"  {sub}: {scores[sub]:.4f}")
     return 0

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from mirage.cli import command
 from mirage.config import Config
 from mirage.errors import DataError, MirageError
@@ -141,15 +143,24 @@ def print_summary(cfg: Config, res, outcome) -> None:
     if best:
         con.print("best config: " + " ".join(f"--set {k}={_fmt(v)}" for k, v in best.params.items()))
     if outcome is not None:
-        e = Table(title=f"Ensemble of {len(outcome.members)} (held-out val runs {', '.join(outcome.fit.score_stimuli)})")
-        e.add_column("subject")
-        e.add_column("best single member r", justify="right")
-        e.add_column("ensemble r", justify="right")
-        m = outcome.metrics
-        for sub in outcome.fit.subjects:
-            e.add_row(sub, f"{m[f'best_member_r/{sub}']:.4f}", f"{m[f'ensemble_r/{sub}']:.4f}")
-        e.add_row("mean", f"{m['best_member_r']:.4f}", f"{m['ensemble_r']:.4f}")
+        cf, m = outcome.fit, outcome.metrics
+        e = Table(title=f"Ensemble of {len(outcome.members)}: cross-fitted validation r (official form), "
+                        f"{len(cf.candidates)} candidates")
+        for col in ("fit on -> scored on", "ensemble r", "best member r", "mean member r", "weight entropy",
+                    "member corr", "members"):
+            e.add_column(col, justify="left" if col.startswith("fit") else "right")
+        for i, f in enumerate(cf.folds):
+            e.add_row(
+                f"fold {i}: {len(f.fit_runs)} runs -> {len(f.score_runs)} runs", f"{f.ensemble_r:.4f}",
+                f"{f.best_member_r:.4f}", f"{f.mean_member_r:.4f}",
+                f"{f.entropy:.3f} / {np.log(len(f.members)):.3f}", f"{f.member_corr:.3f}", str(len(f.members)),
+            )
+        e.add_row("mean over folds", f"{m['ensemble_r']:.4f}", f"{m['best_member_r']:.4f}",
+                  f"{m['mean_member_r']:.4f}", f"{m['weight_entropy']:.3f}", f"{m['member_corr']:.3f}", "")
         con.print(e)
+        gain = m["ensemble_r"] - m["best_member_r"]
+        con.print(f"cross-fitted: ensemble r {m['ensemble_r']:.4f} vs best member r {m['best_member_r']:.4f} "
+                  f"({'+' if gain >= 0 else ''}{gain:.4f}); weights shipped: refit on all validation runs")
         con.print(f"registered: {outcome.model_uri} (version {outcome.version}); ensemble dir {outcome.directory}")
     con.print(f"browse: mlflow ui --backend-store-uri {cfg.tracking.uri}")
 

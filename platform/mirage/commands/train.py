@@ -56,5 +56,5 @@ def baseline(cfg: Config, a: argparse.Namespace) -> int:
 
     for res in run_baselines(cfg, a.which, track=not a.no_track):
         subj = ", ".join(f"{s} {v:.3f}" for s, v in res.val_r_subject.items())
-        print(f"{res.name}: val r {res.val_r:.4f} ({subj})")
+        print(f"{res.name}: val r {res.val_r_official:.4f}, official form ({subj}); every TR {res.val_r:.4f}")
     return 0

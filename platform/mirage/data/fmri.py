@@ -66,11 +66,12 @@ def load_fmri(path: str | Path, key: str, n_parcels: int | None = None) -> np.nd
 def zscore(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     """z-score each parcel over time: x (n_trs, n_parcels) -> float32 (n_trs, n_parcels).
 
-    Parcels with zero variance become 0.
+    Divides by the sample standard deviation (ddof 1, as the reference and nilearn's
+    ``zscore_sample``); parcels with zero variance (or a single TR) become 0.
     """
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(axis=0, keepdims=True)  # (1, P)
-    std = x.std(axis=0, keepdims=True)  # (1, P)
+    std = x.std(axis=0, ddof=1, keepdims=True) if len(x) > 1 else np.zeros_like(mean)  # (1, P)
     out = np.where(std > eps, (x - mean) / np.where(std > eps, std, 1.0), 0.0)
     return out.astype(np.float32)
 

@@ -3,6 +3,12 @@
 Times are seconds from the start of the file. Any frame rate, resolution,
 sample rate and channel count is accepted; audio comes out as mono float32 at
 the requested rate, zero outside the file.
+
+Feature extraction decodes as the reference extractor does (MoviePy piping ffmpeg):
+``printed_duration`` is the container duration as ffmpeg prints it (10 ms steps),
+``frames_by_index`` returns the n-th frame of the stream as rgb24, and ``audio_track``
+gives the whole track as int16 PCM at ``decode_rate`` stereo, averaged to mono and
+resampled with julius' ``ResampleFrac`` (windowed sinc).
 """
 
 from __future__ import annotations
@@ -117,7 +123,30 @@ class MediaReader:
             return self._c.duration / av.time_base
         raise DataError(f"{self.path}: duration unknown (no duration in the container or stream headers)")
 
+    @property
+    def printed_duration(self) -> float:
+        """The container duration rounded to 10 ms as ffmpeg prints it (``Duration: 00:00:15.15``).
+
+        This is the duration MoviePy reports for a clip; falls back to :attr:`duration` when the
+        container has none.
+        """
+        if self._c.duration is None:
+            return self.duration
+        centis = (int(self._c.duration) + 5000) // 10000  # ffmpeg adds 5 ms, then truncates to 10 ms
+        return centis / 100.0
+
     # --- video
+
+    def frames_by_index(self, indices) -> np.ndarray:
+        """Frame number ``k`` of the video stream (counted at its average frame rate) for each index.
+
+        indices: (n,) ints; past the last frame gives the last frame. Returns uint8 (n, H, W, 3) RGB.
+        """
+        fps = self.video_info.fps
+        if fps <= 0:
+            raise DataError(f"{self.path}: video frame rate unknown; expected a constant-rate stream")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return self.frames_at((np.maximum(idx, 0) + 0.5) / fps)  # the middle of frame k's display interval
 
     def _require_video(self):
         if self._v is None:
@@ -212,6 +241,39 @@ class MediaReader:
         if hi > lo:
             out[lo:hi] = y[lo - first: hi - first]
         return out
+
+    def audio_track(self, decode_rate: int = 44100, rate: int = 16000, duration: float | None = None) -> np.ndarray:
+        """The whole audio track, mono float32 at ``rate`` Hz, decoded as MoviePy + julius do.
+
+        The track is converted to int16 stereo PCM at ``decode_rate`` (ffmpeg's swresample),
+        cut or zero-padded to ``round(duration * decode_rate)`` samples (``duration`` defaults to
+        :attr:`printed_duration`), scaled by 1/32768, averaged over channels in float64 and cast to
+        float32, then resampled to ``rate`` with ``julius.resample.ResampleFrac``.
+        Returns (int(rate * n_decoded / decode_rate),).
+        """
+        import julius
+        import torch
+
+        self._require_audio()
+        n = int(round((self.printed_duration if duration is None else duration) * decode_rate))
+        resampler = av.AudioResampler(format="s16", layout="stereo", rate=decode_rate)
+        chunks: list[np.ndarray] = []
+        try:
+            with av.open(str(self.path), mode="r") as c:  # a fresh demuxer: decode from the first packet
+                for frame in c.decode(c.streams.audio[0]):
+                    chunks += [r.to_ndarray().reshape(-1, 2) for r in resampler.resample(frame)]  # (k, 2) int16
+            chunks += [r.to_ndarray().reshape(-1, 2) for r in resampler.resample(None)]
+        except av.error.FFmpegError as e:
+            raise DataError(f"{self.path}: audio does not decode ({e})") from None
+        pcm = np.concatenate(chunks) if chunks else np.zeros((0, 2), np.int16)  # (samples, 2)
+        stereo = np.zeros((n, 2), np.int16)
+        stereo[: min(n, len(pcm))] = pcm[:n]
+        mono = (stereo / 32768.0).mean(axis=1).astype(np.float32)  # (n,)
+        if decode_rate == rate:
+            return mono
+        with torch.inference_mode():
+            out = julius.resample.ResampleFrac(decode_rate, rate)(torch.from_numpy(mono)[None])[0]
+        return out.numpy().astype(np.float32, copy=False)
 
     def _decode_audio(self, a, start: float, end: float, rate: int) -> tuple[float, np.ndarray]:
         """Decode from the packet at or before ``start`` to past ``end``; returns (time of first sample, mono)."""

@@ -3,7 +3,8 @@
 A selector is ``<source>:<what>`` where source is friends, movie10 or ood and
 ``what`` is ``*`` (all), a group (Friends season ``s1``, a movie ``life``) or a
 stimulus id (``s06e01a``, ``life01``). Defaults (the paper): train = Friends
-S1-S5 + Movie10, val = S06, test = S07 + OOD.
+S1-S5 + Movie10, val = S06, test = S07 + OOD. Stimuli named in ``data.skip_runs`` are
+left out of every split, for every subject.
 """
 
 from __future__ import annotations
@@ -33,22 +34,29 @@ def matches(selectors: list[tuple[str, str]], source: str, group: str, stimulus_
 
 
 def split_stimuli(release: Release, cfg: DataConfig, name: str) -> list[str]:
-    """Sorted ids of the stimuli on disk selected by ``cfg.<name>``."""
+    """Sorted ids of the stimuli on disk selected by ``cfg.<name>``, less ``cfg.skip_runs``."""
     sel = _selectors(cfg, name)
-    return sorted(sid for sid, st in release.stimuli().items() if matches(sel, st.source, st.group, sid))
+    skip = set(cfg.skip_runs)
+    return sorted(
+        sid for sid, st in release.stimuli().items() if sid not in skip and matches(sel, st.source, st.group, sid)
+    )
 
 
 def split_runs(release: Release, cfg: DataConfig, name: str) -> list[FmriRun]:
-    """fMRI runs of ``cfg.subjects`` whose stimulus is in the split, subject by subject in key order.
+    """fMRI runs of ``cfg.subjects`` whose stimulus is in the split and not in ``cfg.skip_runs``,
+    subject by subject in key order.
 
     Raises DataError naming the h5 file, key and expected video path when a selected run's
     stimulus video is missing.
     """
     sel = _selectors(cfg, name)
+    skip = set(cfg.skip_runs)
     stimuli = release.stimuli()
     out: list[FmriRun] = []
     for sub in cfg.subjects:
         for run in release.fmri_runs(sub):
+            if run.stimulus_id in skip:
+                continue
             st = stimuli.get(run.stimulus_id)
             if st is None:
                 try:

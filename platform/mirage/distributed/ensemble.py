@@ -2,12 +2,18 @@
 
 Members are the sweep's ``ensemble.top_k`` best configs times seeds (``ensemble.n_members``
 in all). A member whose config and seed equal a trial that ran every epoch is that trial's
-model (downloaded from its MLflow run), not a retraining. Weights are fitted on one part of the
-validation runs and the ensemble and every member are scored on the other part
-(:func:`mirage.ensemble.fit_ensemble`). The ensemble run (``mirage.kind=ensemble``) names its
-members' run ids and the weighting rule, holds the weights and the held-out metrics, the
-interpretability artifacts of the best member, and the ensemble directory as one pyfunc model
-registered under ``ensemble.registry_name`` with the alias ``ensemble.alias``.
+model (downloaded from its MLflow run), not a retraining.
+
+Scores are cross-fitted (:func:`mirage.ensemble.cross_fit`) over two folds of the validation
+runs, from every epoch's validation predictions that training logged
+(``val_predictions/epoch_NNNN.npz`` of each member's and each trial's MLflow run): on one fold
+each candidate's epoch, the top-k configs and the weights are chosen, on the other the ensemble,
+the best member and the mean member are scored; then the folds swap. The weights shipped in
+the ensemble directory (submissions, the registered model) are refit on every validation run
+from the exported members. The ensemble run (``mirage.kind=ensemble``) names its members' run
+ids and the weighting rule, holds the weights, the cross-fitted metrics per fold and overall,
+the interpretability artifacts of the best member, and the ensemble directory as one pyfunc
+model registered under ``ensemble.registry_name`` with the alias ``ensemble.alias``.
 """
 
 from __future__ import annotations
@@ -24,8 +30,22 @@ import numpy as np
 
 from mirage.config import Config
 from mirage.distributed.sweep import SWEEP_TAG, SweepResult
-from mirage.ensemble import WEIGHTING_RULE, EnsembleFit, MemberSpec, choose_members, fit_ensemble, write_ensemble_dir
+from mirage.ensemble import (
+    WEIGHTING_RULE,
+    Candidate,
+    CrossFit,
+    MemberSpec,
+    choose_members,
+    cross_fit,
+    refit_weights,
+    two_folds,
+    write_ensemble_dir,
+)
 from mirage.errors import MirageError
+
+EPOCH_PREDICTIONS = "val_predictions"
+"""MLflow artifact folder of a training run's per-epoch validation predictions."""
+WEIGHTS_FIT_ON = "all validation runs"
 
 
 @dataclass
@@ -47,7 +67,7 @@ class EnsembleOutcome:
     model_uri: str
     version: str
     members: list[Member]
-    fit: EnsembleFit
+    fit: CrossFit
     metrics: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
 
@@ -58,21 +78,48 @@ class EnsembleOutcome:
 def validation_runs(cfg: Config) -> dict[str, dict[str, tuple[Any, Any]]]:
     """subject -> run id -> (FmriRun, stimulus id) of the validation split.
 
-    The run id is the stimulus id (``#2``, ``#3`` appended when a subject saw it again).
+    The run id is the stimulus id (``#2``, ``#3`` appended when a subject saw it again), as in
+    the per-epoch predictions of :func:`mirage.valpred.predict_validation`.
     """
     from mirage.data.layout import Release
     from mirage.data.splits import split_runs
+    from mirage.valpred import run_ids
 
-    out: dict[str, dict[str, tuple[Any, Any]]] = {}
-    for run in split_runs(Release(cfg.data.root), cfg.data, "val"):
-        runs = out.setdefault(run.subject, {})
-        key, n = run.stimulus_id, 1
-        while key in runs:
-            n += 1
-            key = f"{run.stimulus_id}#{n}"
-        runs[key] = (run, run.stimulus_id)
+    runs = [r for r in split_runs(Release(cfg.data.root), cfg.data, "val") if r.subject in cfg.data.subjects]
+    out = {sub: {k: (r, r.stimulus_id) for k, r in rs.items()} for sub, rs in run_ids(runs).items()}
     if not out:
         raise MirageError(f"no validation fMRI under {cfg.data.root} for data.val={cfg.data.val}")
+    return out
+
+
+class EpochPredictionLogger:
+    """Logs each epoch's whole-run validation predictions as ``val_predictions/epoch_NNNN.npz`` of an MLflow run."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def __call__(self, epoch: int, preds: dict[str, dict[str, np.ndarray]]) -> None:
+        from mirage import tracking
+        from mirage.submission import write_predictions
+
+        with tempfile.TemporaryDirectory(prefix="mirage-valpred-") as d:
+            path = write_predictions(preds, Path(d) / f"epoch_{int(epoch):04d}.npz")
+            tracking.log_artifacts(self.uri, self.run_id, path, EPOCH_PREDICTIONS)
+
+
+def epoch_predictions(cfg: Config, run_id: str | None, dest: Path) -> dict[int, Path]:
+    """epoch -> local .npz of the per-epoch validation predictions logged on an MLflow run ({} when none)."""
+    from mirage import tracking
+
+    if not run_id:
+        return {}
+    try:
+        local = Path(tracking.client(cfg.tracking.uri).download_artifacts(run_id, EPOCH_PREDICTIONS, str(dest)))
+    except Exception:  # noqa: BLE001 - a run that logged none (ensemble.epoch_predictions off, or older)
+        return {}
+    out = {}
+    for f in sorted(local.glob("epoch_[0-9][0-9][0-9][0-9].npz")):
+        out[int(f.stem.split("_")[1])] = f
     return out
 
 
@@ -187,8 +234,70 @@ def train_members(cfg: Config, specs: list[MemberSpec], sweep: SweepResult, pare
 # --------------------------------------------------------------------- driver
 
 
+def _config_id(overrides: dict[str, Any]) -> str:
+    return json.dumps(overrides, sort_keys=True, default=str)
+
+
+def candidates(cfg: Config, sweep: SweepResult, members: list[Member], exported: list[dict], dest: Path):
+    """The models that may join a cross-fitted ensemble, and how to load their epochs' predictions.
+
+    Every member, then every other sweep trial with logged per-epoch validation predictions (a
+    config the sweep ranked lower may still rank in the top k of a fold). A member without
+    per-epoch predictions enters with its exported model's predictions as its only epoch.
+
+    Returns:
+        (candidates, load(candidate index, epoch) -> predictions, names of members without per-epoch predictions).
+    """
+    from mirage.submission import read_predictions
+
+    cands: list[Candidate] = []
+    loaders: list[Any] = []
+    without: list[str] = []
+    seen: set[str] = set()
+    for m, preds in zip(members, exported):
+        name = f"member-{m.spec.index}"
+        files = epoch_predictions(cfg, m.run_id, dest / name) if m.run_id not in seen else {}
+        if files:
+            cands.append(Candidate(name, _config_id(m.spec.overrides), tuple(sorted(files))))
+            loaders.append(lambda e, f=files: read_predictions(f[e]))
+        else:
+            without.append(name)
+            cands.append(Candidate(name, _config_id(m.spec.overrides), (0,)))
+            loaders.append(lambda e, p=preds: p)
+        seen.add(m.run_id or name)
+    for t in sweep.trials:
+        if not t.run_id or t.run_id in seen:
+            continue
+        files = epoch_predictions(cfg, t.run_id, dest / f"trial-{t.trial_id}")
+        if files:
+            cands.append(Candidate(f"trial-{t.trial_id}", _config_id(t.params), tuple(sorted(files))))
+            loaders.append(lambda e, f=files: read_predictions(f[e]))
+            seen.add(t.run_id)
+    return cands, (lambda i, e: loaders[i](e)), without
+
+
+def crossfit_record(cross: CrossFit) -> dict[str, Any]:
+    """What each fold chose and scored (``crossfit.json``)."""
+    return {
+        "temperature": cross.temperature,
+        "candidates": [{"name": c.name, "config": c.config, "epochs": list(c.epochs)} for c in cross.candidates],
+        "folds": [
+            {
+                "fit_runs": f.fit_runs, "score_runs": f.score_runs, "configs": f.configs,
+                "members": [cross.candidates[i].name for i in f.members], "epochs": f.epochs,
+                "best_member": cross.candidates[f.members[f.best]].name,
+                "ensemble_r": f.ensemble_r, "best_member_r": f.best_member_r, "mean_member_r": f.mean_member_r,
+                "weight_entropy": f.entropy, "max_entropy": float(np.log(len(f.members))),
+                "member_corr": f.member_corr,
+            }
+            for f in cross.folds
+        ],
+        "summary": cross.summary(),
+    }
+
+
 def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
-    """Members -> weights (fit part) -> held-out scores -> directory -> MLflow run + registry."""
+    """Members -> cross-fitted scores (two folds) -> weights refit on all runs -> directory -> MLflow run + registry."""
     from mirage import tracking
     from mirage.features.store import open_store
 
@@ -201,7 +310,7 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
     name = f"{cfg.sweep.name}-ensemble"
     run_id = tracking.start_run(
         cfg, "ensemble", name, tags={SWEEP_TAG: cfg.sweep.name, "mirage.sweep_run": sweep.parent_run_id,
-                                     "mirage.weighting": WEIGHTING_RULE},
+                                     "mirage.weighting": WEIGHTING_RULE, "mirage.weights_fit_on": WEIGHTS_FIT_ON},
     )
     uri = cfg.tracking.uri
     try:
@@ -211,50 +320,65 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
             store = open_store(cfg.features)
             runs = validation_runs(cfg)
             targets = validation_targets(cfg, runs)
+            subjects = [s for s in cfg.data.subjects if s in targets]
             loaded = [LoadedMember(m.model_dir, store) for m in members]
             per_member = [lm.predict(runs, targets) for lm in loaded]
-            subjects = [s for s in cfg.data.subjects if s in targets]
+
+            cands, load, without = candidates(cfg, sweep, members, per_member, work / "epochs")
+            folds = two_folds(sorted({k for s in subjects for k in targets[s]}))
+            cross = cross_fit(
+                cands, load, targets, subjects, folds, top_k=cfg.ensemble.top_k, n_members=cfg.ensemble.n_members,
+                temperature=cfg.ensemble.temperature, selection=cfg.train.selection_metric,
+            )
             preds = {s: {k: np.stack([pm[s][k] for pm in per_member]) for k in targets[s]} for s in subjects}
-            fit = fit_ensemble(preds, targets, subjects, cfg.ensemble.fit_fraction, cfg.ensemble.temperature)
+            weights, r_all = refit_weights(preds, targets, subjects, cfg.ensemble.temperature)  # (M, S, P)
+            member_all = np.nanmean(np.nanmean(r_all, axis=-1), axis=-1)  # (M,)
+            best = int(np.argmax(member_all))
+
             out_dir = Path(cfg.outputs) / "ensembles" / name
+            record = crossfit_record(cross)
             info = {
                 "temperature": cfg.ensemble.temperature,
-                "fit_stimuli": fit.fit_stimuli,
-                "score_stimuli": fit.score_stimuli,
+                "weights_fit_on": WEIGHTS_FIT_ON,
+                "crossfit": record,
                 "member_run_ids": [m.run_id for m in members],
                 "member_overrides": [m.spec.overrides for m in members],
                 "member_seeds": [m.spec.seed for m in members],
                 "sweep": cfg.sweep.name,
                 "mlflow_run_id": run_id,
             }
-            write_ensemble_dir(out_dir, [m.model_dir for m in members], fit.weights, subjects, info)
+            write_ensemble_dir(out_dir, [m.model_dir for m in members], weights, subjects, info)
 
-            metrics = fit.summary()
+            metrics = cross.summary()
             for i in range(len(members)):
-                metrics[f"member_r/{i}"] = float(fit.member_r[i].mean())
-            metrics["best_member"] = fit.best_member
+                metrics[f"val_r_official/member/{i}"] = float(member_all[i])
+            metrics["best_member"] = best
+            metrics["n_candidates"] = len(cands)
             tracking.log_metrics(uri, run_id, metrics, step=0)
             tracking.set_tags(uri, run_id, {
                 "mirage.member_run_ids": ",".join(m.run_id or "" for m in members),
                 "mirage.n_members": len(members),
                 "mirage.temperature": cfg.ensemble.temperature,
+                "mirage.score": "cross-fitted: 2 folds of the validation runs, each scored by choices made on the other",
+                "mirage.crossfit_folds": json.dumps(list(folds)),
+                "mirage.crossfit_without_epoch_predictions": ",".join(without) or "none",
             })
             arrays = work / "ensemble"
             arrays.mkdir()
-            np.save(arrays / "weights.npy", fit.weights)
-            np.save(arrays / "member_r_heldout.npy", fit.member_r.astype(np.float32))
-            np.save(arrays / "ensemble_r_heldout.npy", fit.ensemble_r.astype(np.float32))
+            np.save(arrays / "weights.npy", weights)
+            np.save(arrays / "member_r_all_val.npy", r_all.astype(np.float32))
+            (arrays / "crossfit.json").write_text(json.dumps(record, indent=2, default=str))
             (arrays / "ensemble.json").write_text((out_dir / "ensemble.json").read_text())
             tracking.log_artifacts(uri, run_id, arrays, "ensemble")
             if cfg.ensemble.analysis:
-                _log_analysis(cfg, loaded[fit.best_member], runs, targets, subjects, work / "analysis", run_id)
+                _log_analysis(cfg, loaded[best], runs, targets, subjects, work / "analysis", run_id)
             version = tracking.log_pyfunc_model(cfg, run_id, out_dir)
         tracking.end_run(uri, run_id, "FINISHED")
     except BaseException as e:
         tracking.end_run(uri, run_id, tracking.status_for(e))
         raise
     model_uri = f"models:/{cfg.ensemble.registry_name}@{cfg.ensemble.alias}"
-    return EnsembleOutcome(run_id, str(out_dir), model_uri, version, members, fit, metrics, time.time() - t0)
+    return EnsembleOutcome(run_id, str(out_dir), model_uri, version, members, cross, metrics, time.time() - t0)
 
 
 def _log_analysis(cfg: Config, member: LoadedMember, runs, targets, subjects, out: Path, run_id: str) -> None:

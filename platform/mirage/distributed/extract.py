@@ -1,6 +1,6 @@
 """Feature extraction on a Ray Data actor pool.
 
-Work items (one span of ``features.cutoffs_per_item`` cutoffs of one stimulus) flow through
+Work items (one span of ``features.cutoffs_per_item`` passes of one stimulus) flow through
 ``map_batches`` into :class:`ExtractActor`, which loads the backbone once per actor and decodes
 the media itself (PyAV). The driver streams results back, assembles each stimulus as its last
 span arrives and writes it to the store atomically, so an interrupted job keeps every finished
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from mirage.config import Config, FeaturesConfig
+from mirage.config import MODALITIES, Config, FeaturesConfig
 from mirage.errors import MirageError
-from mirage.features.extract import ExtractResult, WorkItem, media_duration, plan_items, stimuli_of
+from mirage.features.extract import ExtractResult, ItemFeatures, StimulusPlan, WorkItem, plan_items, stimuli_of
 from mirage.features.store import PartialWrite, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ class ExtractActor:
         self.extractor = Extractor(FeaturesConfig.model_validate(features_cfg))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"stimulus_id": [], "start": [], "stop": [], "features": [], "shape": [], "error": []}
+        keys = ("stimulus_id", "start", "error", *ItemFeatures().to_row())
+        out: dict[str, list] = {k: [] for k in keys}
         for i in range(len(batch["stimulus_id"])):
             item = WorkItem(
                 stimulus_id=str(batch["stimulus_id"][i]),
@@ -43,27 +44,29 @@ class ExtractActor:
                 transcript=str(batch["transcript"][i]) or None,
                 start=int(batch["start"][i]),
                 stop=int(batch["stop"][i]),
-                n_frames=int(batch["n_frames"][i]),
+                n_passes=int(batch["n_passes"][i]),
             )
-            feats, error = np.zeros((0,), np.float16), ""
+            feats, error = ItemFeatures(), ""
             try:
                 feats = self.extractor.extract_item(item)
             except MirageError as e:
                 error = str(e)
             except Exception as e:  # any other failure fails this stimulus only, named by its file
                 error = f"{item.video}: {type(e).__name__}: {e}"
-            out["stimulus_id"].append(item.stimulus_id)
-            out["start"].append(item.start)
-            out["stop"].append(item.stop)
-            out["features"].append(feats.tobytes())
-            out["shape"].append(list(feats.shape))
-            out["error"].append(error)
+            row = {"stimulus_id": item.stimulus_id, "start": item.start, "error": error, **feats.to_row()}
+            row["dims"] = [self.extractor.backbone.n_layers, self.extractor.backbone.dim]
+            for k in keys:
+                out[k].append(row[k])
         return out
 
 
-def plan(cfg: Config, writer: StoreWriter, overwrite: bool, result: ExtractResult, stimuli=None) -> list[WorkItem]:
-    """Work items of every stimulus not yet stored (all with ``overwrite``); unreadable movies fail here."""
+def plan(
+    cfg: Config, writer: StoreWriter, overwrite: bool, result: ExtractResult, stimuli=None
+) -> tuple[list[WorkItem], dict[str, StimulusPlan]]:
+    """Work items of every stimulus not yet stored (all with ``overwrite``) and their plans;
+    unreadable movies or transcripts fail here."""
     items: list[WorkItem] = []
+    plans: dict[str, StimulusPlan] = {}
     for sid, (video, transcript) in stimuli_of(cfg, stimuli).items():
         if overwrite:
             writer.forget(sid)
@@ -71,10 +74,11 @@ def plan(cfg: Config, writer: StoreWriter, overwrite: bool, result: ExtractResul
             result.skipped.append(sid)
             continue
         try:
-            items += plan_items(sid, video, transcript, cfg.features, media_duration(video))
+            plans[sid], its = plan_items(sid, video, transcript, cfg.features)
+            items += its
         except MirageError as e:
             result.failed[sid] = str(e)
-    return items
+    return items, plans
 
 
 def run_extract(
@@ -102,7 +106,7 @@ def _run(cfg: Config, writer: StoreWriter, overwrite: bool, stimuli, say, t0: fl
     from mirage.distributed.cluster import init_ray
 
     result = ExtractResult(store=writer.root)
-    items = plan(cfg, writer, overwrite, result, stimuli)
+    items, plans = plan(cfg, writer, overwrite, result, stimuli)
     expected: dict[str, int] = {}
     for it in items:
         expected[it.stimulus_id] = expected.get(it.stimulus_id, 0) + 1
@@ -123,7 +127,6 @@ def _run(cfg: Config, writer: StoreWriter, overwrite: bool, stimuli, say, t0: fl
         num_gpus=f.gpus_per_actor,
         num_cpus=f.cpus_per_actor,
     )
-    n_frames = {it.stimulus_id: it.n_frames for it in items}
     open_parts: dict[str, tuple[PartialWrite, set[int]]] = {}  # stimuli being assembled on disk
     try:
         for row in ds.iter_rows():
@@ -135,12 +138,13 @@ def _run(cfg: Config, writer: StoreWriter, overwrite: bool, stimuli, say, t0: fl
             try:
                 if row["error"]:
                     raise MirageError(str(row["error"]))
-                shape = tuple(int(x) for x in row["shape"])
-                feats = np.frombuffer(row["features"], np.float16).reshape(shape)  # (n, 3, L, D)
+                feats = ItemFeatures.from_row(row)
                 if sid not in open_parts:
-                    open_parts[sid] = (writer.begin(sid, (n_frames[sid], *shape[1:])), set())
+                    n_layers, dim = (int(x) for x in row["dims"])
+                    p = plans[sid]
+                    open_parts[sid] = (writer.begin(sid, (p.n_frames, len(MODALITIES), n_layers, dim), p.frames), set())
                 part, starts = open_parts[sid]
-                part.put(int(row["start"]), feats)
+                feats.write(part)
                 starts.add(int(row["start"]))
             except MirageError as e:
                 result.failed[sid] = str(e)
@@ -151,7 +155,7 @@ def _run(cfg: Config, writer: StoreWriter, overwrite: bool, stimuli, say, t0: fl
             if len(starts) == expected[sid]:
                 open_parts.pop(sid)[0].commit()
                 result.written.append(sid)
-                result.cutoffs += n_frames[sid]
+                result.cutoffs += len(plans[sid].passes)
                 say(f"stored {sid} ({len(result.written)}/{len(expected)})")
     finally:
         for sid, (part, _) in open_parts.items():  # interrupted, or spans lost without an error

@@ -30,7 +30,7 @@ class TrainResult:
     """What a training run produced.
 
     Attributes:
-        best_val_r: best validation Pearson r (mean over subjects of the mean over parcels).
+        best_val_r: best validation score ``val_r`` (the one ``train.selection_metric`` names).
         best_epoch: epoch of the best validation r.
         model_dir: exported best model (``model.safetensors``, ``config.yaml``, ``meta.json``).
         val_r_path: per-parcel validation r of the best epoch, ``(n_subjects, n_parcels)`` .npy.
@@ -130,12 +130,14 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     cfg = Config.model_validate(config["cfg"])
     session = RaySession(cfg.train.use_gpu, config.get("run_dir"))
-    on_epoch = None
+    on_epoch = on_val_predictions = None
     if config.get("tracking") and session.rank == 0:
+        from mirage.distributed.ensemble import EpochPredictionLogger
         from mirage.tracking import EpochLogger
 
         on_epoch = EpochLogger(config["tracking"]["uri"], config["tracking"]["run_id"])
-    return fit(cfg, session, on_epoch=on_epoch)
+        on_val_predictions = EpochPredictionLogger(config["tracking"]["uri"], config["tracking"]["run_id"])
+    return fit(cfg, session, on_epoch=on_epoch, on_val_predictions=on_val_predictions)
 
 
 def build_trainer(

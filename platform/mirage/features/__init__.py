@@ -2,8 +2,9 @@
 
 - ``backbone``: the Backbone interface and the name registry (``tiny``, ``qwen3-omni``)
 - ``tiny`` / ``qwen3_omni``: the two loaders
-- ``inputs``: cutoff schedule, video frame times, transcript words per pass
-- ``readout``: one batched pass and the per-modality readout from token positions
-- ``extract``: per-span extraction (shared by every runner) and the in-process ``extract_all``
+- ``inputs``: the reference's pass plan, frame counts, windows and read-out rules (pure functions)
+- ``readout``: prompts, the processor call, one (batched) forward and the per-modality read-outs
+- ``extract``: stimulus plans, work items (spans of passes), assembly, the in-process ``extract_all``
+- ``one``: the features of one movie in this process (``mirage features one``)
 - ``store``: the feature store (key, manifest, atomic writes, memory-mapped reader)
 """

@@ -1,46 +1,196 @@
-"""Feature extraction: per-span computation (shared by every runner) and the in-process runner.
+"""Feature extraction: the passes of one stimulus (shared by every runner) and the in-process runner.
 
-A work item is one span of cutoffs of one stimulus; :class:`Extractor` turns it into float16
-features (n, 3, n_layers, dim). ``extract_all`` runs every missing stimulus in this process and
-writes the store; ``mirage.distributed.extract`` runs the same spans on a Ray Data actor pool.
+A stimulus is planned once (:func:`plan_stimulus`: its passes and each modality's frame count);
+a work item is a span of its passes. :class:`Extractor` runs a span and returns its
+:class:`ItemFeatures` (audio and vision frames, word vectors with their text frames), which any
+sink (the store's :class:`~mirage.features.store.PartialWrite`, or :class:`FeatureArrays` in
+memory) assembles: media frames are set, word vectors are added into their text frames.
+``extract_all`` runs every missing stimulus in this process and writes the store;
+``mirage.distributed.extract`` runs the same items on a Ray Data actor pool.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from mirage.config import Config, FeaturesConfig
+from mirage.config import MODALITIES, Config, FeaturesConfig
 from mirage.errors import DataError, MirageError
 from mirage.features.backbone import Backbone, load_backbone
 from mirage.features.inputs import (
-    WordSpan,
-    cutoff_times,
-    n_frames_for,
-    video_frame_times,
-    words_before,
+    Pass,
+    Transcript,
+    audio_range,
+    frame_indices,
+    n_frames,
+    pass_plan,
+    read_transcript,
+    text_frames,
+    text_window,
+    video_times,
 )
-from mirage.features.readout import PassInputs, PassRunner
+from mirage.features.readout import PassRunner
 from mirage.features.store import StoreWriter
 
 log = logging.getLogger(__name__)
 
+VISION, AUDIO, TEXT = (MODALITIES.index(m) for m in ("vision", "audio", "text"))
+
+
+# ------------------------------------------------------------------ planning
+
+
+@dataclass
+class StimulusPlan:
+    """The passes of one stimulus and what its media and transcript measure.
+
+    ``frames``: each modality's frame count; ``audio_samples``: length of the decoded track at
+    ``audio_rate`` (0 without audio); ``vision_s``: video duration; ``fps``: video frame rate.
+    """
+
+    video: str
+    transcript: Transcript | None
+    passes: list[Pass]
+    frames: dict[str, int]
+    vision_s: float
+    fps: float
+    audio_samples: int
+
+    @property
+    def n_frames(self) -> int:
+        """Rows of the stored array: the largest modality frame count."""
+        return max(self.frames.values())
+
+
+def plan_stimulus(video: str | Path, transcript: str | Path | None, cfg: FeaturesConfig) -> StimulusPlan:
+    """Plan a stimulus from its media facts and transcript (nothing is decoded).
+
+    Without words (no transcript, or none in it) text is all zeros, as long as the longest of the
+    transcript, the audio and the video.
+    """
+    from mirage.data.media import MediaReader
+
+    with MediaReader(video) as m:
+        vision_s = float(m.printed_duration)
+        fps = float(m.video_info.fps)
+        has_audio = m.has_audio
+    if vision_s <= 0:
+        raise DataError(f"{video}: duration {vision_s} s; expected a movie longer than 0 s")
+    n_decoded = int(round(vision_s * cfg.audio_decode_rate)) if has_audio else 0
+    g = math.gcd(cfg.audio_rate, cfg.audio_decode_rate)  # julius' output length: int(new * n / old), reduced
+    samples = int(cfg.audio_rate // g * n_decoded / (cfg.audio_decode_rate // g))
+    audio_s = samples / cfg.audio_rate if has_audio else None
+    words = read_transcript(transcript, cfg.transcript_tr)
+    text_s = words.duration if words and words.words else max(words.duration if words else 0.0, vision_s, audio_s or 0.0)
+    frames = {
+        "vision": n_frames(vision_s, cfg.rate_hz),
+        "audio": n_frames(audio_s, cfg.rate_hz) if audio_s is not None else 0,
+        "text": n_frames(text_s, cfg.rate_hz),
+    }
+    passes = pass_plan(words, audio_s, vision_s, cfg.rate_hz)
+    return StimulusPlan(str(video), words, passes, frames, vision_s, fps, samples)
+
 
 @dataclass(frozen=True)
 class WorkItem:
-    """Cutoffs [start, stop) (feature frame indices) of one stimulus."""
+    """Passes [start, stop) of one stimulus (``n_passes`` in all)."""
 
     stimulus_id: str
     video: str
     transcript: str | None
     start: int
     stop: int
-    n_frames: int
+    n_passes: int
+
+
+def plan_items(stimulus_id: str, video: str, transcript: str | None, cfg: FeaturesConfig) -> tuple[StimulusPlan, list[WorkItem]]:
+    """Plan a stimulus and split its passes into work items of ``cfg.cutoffs_per_item`` passes."""
+    plan = plan_stimulus(video, transcript, cfg)
+    n, step = len(plan.passes), cfg.cutoffs_per_item
+    return plan, [WorkItem(stimulus_id, video, transcript, s, min(s + step, n), n) for s in range(0, n, step)]
+
+
+# ------------------------------------------------------------------ results
+
+
+class FeatureSink(Protocol):
+    """Where item features are assembled (the store's PartialWrite, or FeatureArrays)."""
+
+    def set(self, modality: int, frame: int, vector: np.ndarray) -> None: ...
+
+    def add(self, modality: int, start: int, stop: int, vector: np.ndarray) -> None: ...
+
+
+@dataclass
+class ItemFeatures:
+    """The features one work item produced, each vector float32 (n_layers, dim).
+
+    ``vision``/``audio``: frame index -> vector; ``text``: (start, stop, vector) per word, the
+    text frames [start, stop) it is added into.
+    """
+
+    vision: dict[int, np.ndarray] = field(default_factory=dict)
+    audio: dict[int, np.ndarray] = field(default_factory=dict)
+    text: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+
+    def write(self, sink: FeatureSink) -> None:
+        """Set the media frames and add the word vectors into their text frames."""
+        for k, v in self.vision.items():
+            sink.set(VISION, k, v)
+        for k, v in self.audio.items():
+            sink.set(AUDIO, k, v)
+        for s, e, v in self.text:
+            sink.add(TEXT, s, e, v)
+
+    def to_row(self) -> dict:
+        """Plain lists and bytes (a Ray Data row)."""
+        def pack(vs: list[np.ndarray]) -> bytes:
+            return np.stack(vs).astype(np.float32).tobytes() if vs else b""
+
+        shapes = [v.shape for v in (*self.vision.values(), *self.audio.values(), *(t[2] for t in self.text))]
+        return {
+            "dims": list(shapes[0]) if shapes else [0, 0],
+            "vision_frames": list(self.vision), "vision": pack(list(self.vision.values())),
+            "audio_frames": list(self.audio), "audio": pack(list(self.audio.values())),
+            "text_bins": [x for s, e, _ in self.text for x in (s, e)], "text": pack([t[2] for t in self.text]),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ItemFeatures":
+        """Inverse of :meth:`to_row`."""
+        dims = tuple(int(x) for x in row["dims"])
+
+        def unpack(b: bytes, n: int) -> np.ndarray:
+            return np.frombuffer(b, np.float32).reshape(n, *dims) if n else np.zeros((0, *dims), np.float32)
+
+        vf = [int(x) for x in row["vision_frames"]]
+        af = [int(x) for x in row["audio_frames"]]
+        bins = [int(x) for x in row["text_bins"]]
+        vis, aud, txt = unpack(row["vision"], len(vf)), unpack(row["audio"], len(af)), unpack(row["text"], len(bins) // 2)
+        return cls(
+            vision=dict(zip(vf, vis)), audio=dict(zip(af, aud)),
+            text=[(bins[2 * i], bins[2 * i + 1], txt[i]) for i in range(len(txt))],
+        )
+
+
+class FeatureArrays:
+    """In-memory sink: float32 (n_frames_m, n_layers, dim) per modality, zeros where nothing was set."""
+
+    def __init__(self, frames: dict[str, int], n_layers: int, dim: int):
+        self.arrays = {m: np.zeros((frames[m], n_layers, dim), np.float32) for m in MODALITIES}
+
+    def set(self, modality: int, frame: int, vector: np.ndarray) -> None:
+        self.arrays[MODALITIES[modality]][frame] = vector
+
+    def add(self, modality: int, start: int, stop: int, vector: np.ndarray) -> None:
+        self.arrays[MODALITIES[modality]][start:stop] += vector[None]
 
 
 @dataclass
@@ -52,6 +202,7 @@ class ExtractResult:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     cutoffs: int = 0
+    """Backbone passes run (distinct cutoffs of the stimuli written)."""
     seconds: float = 0.0
     first_result_s: float | None = None
     """Seconds from the start of the run until the first work item came back (pipeline start-up)."""
@@ -62,25 +213,11 @@ class ExtractResult:
         return not self.failed
 
 
-def load_words(transcript: str | Path | None) -> list[WordSpan]:
-    """Words of a transcript file in time order (no file: no words)."""
-    if transcript is None:
-        return []
-    from mirage.data.transcripts import read_words
-
-    return [WordSpan(text=w.text, offset=float(w.offset)) for w in read_words(transcript)]
-
-
-def media_duration(video: str | Path) -> float:
-    """Length of a movie file in seconds."""
-    from mirage.data.media import MediaReader
-
-    with MediaReader(video) as m:
-        return float(m.duration)
+# ------------------------------------------------------------------ extraction
 
 
 class Extractor:
-    """Loads the backbone once; computes the features of spans of cutoffs."""
+    """Loads the backbone once; runs spans of a stimulus' passes (one stimulus' media cached)."""
 
     def __init__(self, cfg: FeaturesConfig, backbone: Backbone | None = None):
         if cfg.torch_threads:
@@ -89,66 +226,116 @@ class Extractor:
             torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
         self.backbone = backbone or load_backbone(cfg)
-        self.runner = PassRunner(self.backbone, cfg.rate_hz, cfg.video_fps)
-        self._words: dict[str, list[WordSpan]] = {}
+        self.runner = PassRunner(self.backbone, cfg)
+        self._plan: tuple[tuple, StimulusPlan] | None = None
+        self._audio: tuple[str, np.ndarray] | None = None
 
-    def _stimulus_words(self, transcript: str | None) -> list[WordSpan]:
-        if transcript is None:
-            return []
-        if transcript not in self._words:
-            self._words = {transcript: load_words(transcript)}  # one stimulus at a time
-        return self._words[transcript]
+    def plan(self, video: str | Path, transcript: str | Path | None) -> StimulusPlan:
+        """The stimulus' plan (cached for the last stimulus)."""
+        key = (str(video), None if transcript is None else str(transcript))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, plan_stimulus(video, transcript, self.cfg))
+        return self._plan[1]
 
-    def extract_item(self, item: WorkItem) -> np.ndarray:
-        """float16 (item.stop - item.start, 3, n_layers, dim) for the item's cutoffs."""
-        return self.extract_span(item.video, self._stimulus_words(item.transcript), item.start, item.stop)
+    def audio_track(self, plan: StimulusPlan) -> np.ndarray | None:
+        """The whole decoded track at ``audio_rate`` (cached for the last stimulus); None without audio."""
+        if plan.audio_samples == 0:
+            return None
+        if self._audio is None or self._audio[0] != plan.video:
+            from mirage.data.media import MediaReader
 
-    def extract_span(self, video: str | Path, words: list[WordSpan], start: int, stop: int) -> np.ndarray:
-        """Features of feature frames [start, stop) of one movie: float16 (n, 3, n_layers, dim)."""
+            with MediaReader(plan.video) as m:
+                track = m.audio_track(self.cfg.audio_decode_rate, self.cfg.audio_rate, plan.vision_s)
+            if len(track) != plan.audio_samples:
+                raise DataError(f"{plan.video}: decoded {len(track)} audio samples, the plan expects {plan.audio_samples}")
+            self._audio = (plan.video, track)
+        return self._audio[1]
+
+    def extract_item(self, item: WorkItem) -> ItemFeatures:
+        """Features of the item's passes."""
+        return self.extract_passes(self.plan(item.video, item.transcript), item.start, item.stop)
+
+    def extract_passes(self, plan: StimulusPlan, start: int, stop: int) -> ItemFeatures:
+        """Run passes [start, stop) of a planned stimulus."""
         from mirage.data.media import MediaReader
 
-        cfg = self.cfg
-        frames = np.arange(start, stop)
-        cutoffs = cutoff_times(frames, cfg.rate_hz)  # (n,)
-        n_audio = int(round(cfg.audio_seconds * cfg.audio_rate))
-        with MediaReader(video) as media:
-            duration = float(media.duration)
-            times = video_frame_times(cutoffs, cfg, duration)  # (n, k)
-            flat = media.frames_at(times.reshape(-1))  # (n * k, H, W, 3)
-            video = flat.reshape(*times.shape, *flat.shape[1:])  # (n, k, H, W, 3)
-            a0 = float(cutoffs[0]) - cfg.audio_seconds
-            audio = media.audio(a0, float(cutoffs[-1]), rate=cfg.audio_rate)  # (samples,)
-        out = np.zeros((len(frames), 3, self.backbone.n_layers, self.backbone.dim), np.float16)
-        for lo in range(0, len(frames), cfg.pass_batch):
-            hi = min(lo + cfg.pass_batch, len(frames))
-            idx = range(lo, hi)
-            first = [int(round((cutoffs[i] - cfg.audio_seconds - a0) * cfg.audio_rate)) for i in idx]
-            audios = [_fit(audio[f: f + n_audio], n_audio) for f in first]
-            videos = [video[i] for i in idx]
-            word_lists = [words_before(words, float(cutoffs[i]), cfg.max_words) for i in idx]
-            fr = [int(frames[i]) for i in idx]
-            out[lo:hi] = self._features(fr, videos, audios, word_lists)
-        if not np.isfinite(out).all():
-            raise MirageError(f"{video}: features of frames [{start}, {stop}) hold NaN or inf")
+        cfg, passes = self.cfg, plan.passes[start:stop]
+        audio = self.audio_track(plan)
+        indices = [frame_indices(video_times(p.cutoff, cfg, plan.vision_s), plan.vision_s, plan.fps) for p in passes]
+        wanted = np.unique(np.concatenate(indices)) if indices else np.zeros(0, np.int64)
+        with MediaReader(plan.video) as m:
+            decoded = m.frames_by_index(wanted)  # (n_unique, H, W, 3)
+        where = {int(k): i for i, k in enumerate(wanted)}
+        videos = [decoded[[where[int(k)] for k in idx]] for idx in indices]  # each (n_f, H, W, 3)
+        ranges = [audio_range(p.cutoff, cfg, len(audio)) if audio is not None else (0, 0) for p in passes]
+        out = ItemFeatures()
+        for group in _batches([b - a for a, b in ranges], cfg.pass_batch):
+            clips = None if audio is None else [audio[slice(*ranges[i])] for i in group]
+            self._run_passes(plan, [passes[i] for i in group], [videos[i] for i in group], clips, out)
         return out
 
-    def _features(self, frames, videos, audios, word_lists) -> np.ndarray:
-        """float32 (B, 3, L, D) by native fusion (one pass) or post-hoc fusion (one pass per modality)."""
-        run = self.runner.run
-        if self.cfg.fusion == "native":
-            return run(PassInputs(frames=frames, videos=videos, audios=audios, words=word_lists))
-        out = run(PassInputs(frames=frames, videos=videos))
-        out[:, 1] = run(PassInputs(frames=frames, audios=audios))[:, 1]
-        out[:, 2] = run(PassInputs(frames=frames, words=word_lists))[:, 2]
-        return out
+    def _run_passes(
+        self, plan: StimulusPlan, passes: list[Pass], videos: list[np.ndarray], audios: list[np.ndarray] | None,
+        out: ItemFeatures,
+    ) -> None:
+        """Native: one sequence per pass; post-hoc: one per pass and modality it serves. Batched."""
+        r, cfg = self.runner, self.cfg
+        windows = [text_window(plan.transcript, p.cutoff, cfg.max_words) for p in passes]
+        if cfg.fusion == "native":
+            res = r.run([r.native_prompt(w) for w in windows], videos, audios, audio_in_video=audios is not None)
+            vis = aud = txt = dict(enumerate(res))
+        else:
+            v = [i for i, p in enumerate(passes) if p.vision_frame is not None]
+            a = [i for i, p in enumerate(passes) if p.audio_frame is not None and audios is not None]
+            t = [i for i, p in enumerate(passes) if p.words and windows[i].text]
+            vis = dict(zip(v, r.run([r.video_pad] * len(v), [videos[i] for i in v]) if v else []))
+            aud = dict(zip(a, r.run([r.audio_pad] * len(a), audios=[audios[i] for i in a]) if a else []))
+            txt = dict(zip(t, r.run([windows[i].text for i in t]) if t else []))
+        for i, p in enumerate(passes):
+            if p.vision_frame is not None:
+                out.vision[p.vision_frame] = self._finite(r.vision(vis[i]), plan, p, "vision")
+            if p.audio_frame is not None and audios is not None:
+                out.audio[p.audio_frame] = self._finite(r.audio(aud[i], len(audios[i])), plan, p, "audio")
+            for w in p.words:
+                bins = text_frames(plan.transcript.words[w], plan.frames["text"], cfg.rate_hz)
+                vec = None if bins is None or i not in txt else r.word(txt[i], windows[i], w)
+                if vec is not None:
+                    out.text.append((bins[0], bins[0] + bins[1], self._finite(vec, plan, p, "text")))
+
+    @staticmethod
+    def _finite(vec: np.ndarray, plan: StimulusPlan, p: Pass, what: str) -> np.ndarray:
+        if not np.isfinite(vec).all():
+            raise MirageError(f"{plan.video}: {what} features at {p.cutoff:.3f} s hold NaN or inf")
+        return vec
+
+    def extract_stimulus(self, video: str | Path, transcript: str | Path | None) -> dict[str, np.ndarray]:
+        """Every pass of one stimulus: modality -> float32 (n_frames_m, n_layers, dim).
+
+        Passes run in the work items' spans, so the numbers equal those of the store's runners.
+        """
+        plan = self.plan(video, transcript)
+        sink = FeatureArrays(plan.frames, self.backbone.n_layers, self.backbone.dim)
+        for lo in range(0, len(plan.passes), self.cfg.cutoffs_per_item):
+            self.extract_passes(plan, lo, min(lo + self.cfg.cutoffs_per_item, len(plan.passes))).write(sink)
+        return sink.arrays
 
 
-def _fit(x: np.ndarray, n: int) -> np.ndarray:
-    """Exactly n samples (rounding can leave one short at the end of a span)."""
-    return x if len(x) == n else np.pad(x[:n], (0, n - len(x[:n])))
+def _batches(audio_lengths: list[int], size: int) -> list[list[int]]:
+    """Consecutive pass indices in batches of at most ``size`` with equal audio windows.
+
+    The processor pads shorter audio and its log-mel frames near a padded end change, so only
+    passes whose windows have one length share a forward.
+    """
+    out: list[list[int]] = []
+    for i, n in enumerate(audio_lengths):
+        if out and len(out[-1]) < size and audio_lengths[out[-1][0]] == n:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
-# ------------------------------------------------------------------ planning
+# ------------------------------------------------------------------ the in-process runner
 
 
 def stimuli_of(cfg: Config, stimuli: Iterable[str] | None = None) -> dict[str, tuple[str, str | None]]:
@@ -168,17 +355,6 @@ def stimuli_of(cfg: Config, stimuli: Iterable[str] | None = None) -> dict[str, t
     return {s: (str(found[s].video), str(found[s].transcript) if found[s].transcript else None) for s in chosen}
 
 
-def plan_items(
-    stimulus_id: str, video: str, transcript: str | None, cfg: FeaturesConfig, duration: float
-) -> list[WorkItem]:
-    """Split a stimulus into work items of ``cfg.cutoffs_per_item`` cutoffs."""
-    n = n_frames_for(duration, cfg.rate_hz)
-    if n <= 0:
-        raise DataError(f"{video}: {duration:.3f} s long, too short for one cutoff at {cfg.rate_hz} Hz")
-    step = cfg.cutoffs_per_item
-    return [WorkItem(stimulus_id, video, transcript, s, min(s + step, n), n) for s in range(0, n, step)]
-
-
 def extract_all(
     cfg: Config, stimuli: Iterable[str] | None = None, overwrite: bool = False, extractor: Extractor | None = None
 ) -> ExtractResult:
@@ -196,25 +372,20 @@ def extract_all(
 
 def _extract_missing(cfg: Config, writer: StoreWriter, stimuli, overwrite: bool, extractor) -> ExtractResult:
     result = ExtractResult(store=writer.root)
-    todo = stimuli_of(cfg, stimuli)
-    extractor_ = extractor
-    for sid, (video, transcript) in todo.items():
+    for sid, (video, transcript) in stimuli_of(cfg, stimuli).items():
         if overwrite:
             writer.forget(sid)
         elif writer.has(sid):
             result.skipped.append(sid)
             continue
-        if extractor_ is None:
-            extractor_ = Extractor(cfg.features)
         part = None
         try:
-            words = load_words(transcript)
-            items = plan_items(sid, video, transcript, cfg.features, media_duration(video))
+            plan, items = plan_items(sid, video, transcript, cfg.features)
+            extractor = extractor or Extractor(cfg.features)
+            bb = extractor.backbone
+            part = writer.begin(sid, (plan.n_frames, len(MODALITIES), bb.n_layers, bb.dim), plan.frames)
             for it in items:
-                feats = extractor_.extract_span(video, words, it.start, it.stop)  # (n, 3, L, D)
-                if part is None:
-                    part = writer.begin(sid, (it.n_frames, *feats.shape[1:]))
-                part.put(it.start, feats)
+                extractor.extract_passes(plan, it.start, it.stop).write(part)
             part.commit()
         except Exception as e:  # this stimulus fails alone; the message names its file
             if part is not None:
@@ -224,6 +395,6 @@ def _extract_missing(cfg: Config, writer: StoreWriter, stimuli, overwrite: bool,
             result.failed[sid] = msg
             continue
         result.written.append(sid)
-        result.cutoffs += items[-1].n_frames
-        log.info("stored %s (%d cutoffs)", sid, items[-1].n_frames)
+        result.cutoffs += len(plan.passes)
+        log.info("stored %s (%d passes)", sid, len(plan.passes))
     return result

@@ -1,19 +1,19 @@
-"""One batched backbone pass over several cutoffs, and the per-modality readout.
+"""One backbone pass: prompt, processor call, forward with every hidden state, and the read-outs.
 
-The prompt of a pass is a user turn holding, in order, the video placeholder, the audio
-placeholder and the transcript words; the processor expands the placeholders. Readout positions
-come from ``input_ids`` compared with the token ids of the loaded model config:
+Prompts are built from the loaded backbone's special tokens (no chat template):
 
-- vision: the video tokens of the last temporal grid, averaged over space;
-- audio: the last audio token;
-- text: the tokens of each word averaged, words ending in the pass's 2 Hz bin summed.
+- native fusion: ``<vision_start><video_pad><vision_end>`` then ``"\\n"`` and the transcript window
+  (no newline without words); the processor interleaves the audio window into the video block
+  (audio in video), and both streams are rope-positioned from the start of the block;
+- post-hoc fusion, one modality alone: the window text; ``<audio_pad>``; or ``<video_pad>``.
 
-Every hidden state is kept (embeddings + each decoder layer).
+Read-outs over ``hidden_states`` stacked to (n_layers, seq, dim) in float32 (embeddings + every layer):
 
-Two choices differ from the reference extraction on purpose: positions are the model's own
-multimodal rotary positions (``get_rope_index``: the audio segment's positions follow the video's
-instead of both starting at 0), and word vectors are summed into their bin as the reference does
-(a bin with more words carries a larger text vector; none gives zeros).
+- vision: mean over the video tokens of the last temporal grid;
+- audio: the audio token at rank ``floor((n - 1) * N / n)`` (see ``inputs.audio_readout_rank``);
+- text: per word, the mean over the tokens of the window text whose characters overlap the word;
+  the window text is found as the first run of its own token ids (tokenised alone, optionally
+  after one of the prefixes "", "\\n", " ", "\\n\\n") in the pass's input ids.
 """
 
 from __future__ import annotations
@@ -23,131 +23,173 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mirage.config import FeaturesConfig
 from mirage.features.backbone import Backbone
-from mirage.features.inputs import WordSpan, word_frame
+from mirage.features.inputs import TextWindow, audio_readout_rank
+
+TEXT_PREFIXES = ("", "\n", " ", "\n\n")
+"""Prefixes tried, in order, when locating the window text among a pass's tokens."""
 
 
 @dataclass
-class PassInputs:
-    """Inputs of ``B`` cutoffs for one pass; a modality left as None is not in the prompt.
+class PassOutput:
+    """What one forward pass produced: input ids (seq,), hidden states (n_layers, seq, dim) on the
+    model's device in its dtype (read-outs cast only the positions they keep to float32), and the
+    processor's ``video_grid_thw`` rows (None without video)."""
 
-    videos: B arrays uint8 (n_video_frames, H, W, 3); audios: B arrays float32 (n_samples,);
-    words: B word lists (None = no transcript in the prompt); frames: (B,) feature frame index of
-    each cutoff (the text bin).
-    """
-
-    frames: list[int]
-    videos: list[np.ndarray] | None = None
-    audios: list[np.ndarray] | None = None
-    words: list[list[WordSpan]] | None = None
+    input_ids: np.ndarray
+    hidden: torch.Tensor
+    video_grid: np.ndarray | None
 
 
 class PassRunner:
-    """Builds prompts, runs the thinker with all hidden states, reads out vision/audio/text."""
+    """Builds prompts from a backbone's token ids, runs its thinker, reads features out."""
 
-    def __init__(self, backbone: Backbone, rate_hz: float, video_fps: float):
+    def __init__(self, backbone: Backbone, cfg: FeaturesConfig):
         self.bb = backbone
-        self.rate_hz = rate_hz
-        self.video_fps = video_fps
+        self.cfg = cfg
         tok = backbone.processor.tokenizer
         self._tok = tok
-        self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self._suffix = tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
-        self._word_cache: dict[str, list[int]] = {}
+        ids = backbone.token_ids
+        names = tok.convert_ids_to_tokens([ids["vision_start"], ids["video"], ids["vision_end"], ids["audio"]])
+        self.video_block = names[0] + names[1] + names[2]
+        self.video_pad, self.audio_pad = names[1], names[3]
 
-    def _word_ids(self, text: str) -> list[int]:
-        ids = self._word_cache.get(text)
-        if ids is None:
-            ids = self._tok(" " + text.strip(), add_special_tokens=False)["input_ids"]
-            if len(self._word_cache) < 100_000:
-                self._word_cache[text] = ids
-        return ids
+    # ------------------------------------------------------------------ prompts
 
-    def _prefix(self, inp: PassInputs, n: int) -> tuple[torch.Tensor, dict]:
-        """Processor output for the media part of the prompt: ids (B, S0) and model tensors."""
-        p = self.bb.processor
-        text = "<|im_start|>user\n"
-        if inp.videos is not None:
-            text += p.vision_bos_token + p.video_token + p.vision_eos_token
-        if inp.audios is not None:
-            text += p.audio_bos_token + p.audio_token + p.audio_eos_token
-        kwargs = {}
-        if inp.videos is not None:
-            kwargs.update(videos=list(inp.videos), fps=self.video_fps, videos_kwargs=dict(self.bb.video_kwargs))
-        if inp.audios is not None:
-            kwargs.update(audio=list(inp.audios))
-        if kwargs:
-            enc = dict(p(text=[text] * n, return_tensors="pt", **kwargs))
-        else:
-            enc = dict(self._tok([text] * n, return_tensors="pt", add_special_tokens=False))
-        ids = enc.pop("input_ids")
-        mask = enc.pop("attention_mask")
-        if not bool(mask.all()):
-            raise RuntimeError("media prompts of one pass differ in length; expected equal windows per cutoff")
-        return ids, enc
+    def native_prompt(self, window: TextWindow) -> str:
+        """Video block (audio goes inside it), then a newline and the window text when there is one."""
+        return "\n".join(p for p in (self.video_block, window.text) if p)
 
-    @torch.inference_mode()
-    def run(self, inp: PassInputs) -> np.ndarray:
-        """Features of each cutoff: float32 (B, 3, n_layers, dim), modality order vision, audio, text.
+    # ------------------------------------------------------------------ passes
 
-        A modality absent from the inputs is left at zero.
+    def encode(
+        self,
+        prompts: str | list[str],
+        videos: list[np.ndarray] | np.ndarray | None = None,
+        audios: list[np.ndarray] | np.ndarray | None = None,
+        audio_in_video: bool = False,
+    ) -> dict:
+        """The processor's output for one or more sequences: ``input_ids`` (B, seq) and media tensors.
+
+        prompts: one prompt or B; videos: B uint8 (n_frames, H, W, 3) or None; audios: B float32
+        (n_samples,) or None (a single array stands for a list of one). Sequences of a batch are
+        padded on the tokenizer's side; read-outs locate their tokens per row.
         """
-        n = len(inp.frames)
-        prefix, media = self._prefix(inp, n)
-        rows: list[list[int]] = []
-        spans: list[list[tuple[int, int, int]]] = []  # per row: (start, stop, frame) of each word
-        for b in range(n):
-            row = prefix[b].tolist()
-            row_spans = []
-            for w in inp.words[b] if inp.words is not None else []:
-                ids = self._word_ids(w.text)
-                if ids:
-                    row_spans.append((len(row), len(row) + len(ids), word_frame(w.offset, self.rate_hz)))
-                    row.extend(ids)
-            rows.append(row + self._suffix)
-            spans.append(row_spans)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((n, width), self._pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for b, r in enumerate(rows):  # left padding
-            input_ids[b, width - len(r):] = torch.tensor(r)
-            attention[b, width - len(r):] = 1
-        device = self.bb.device
-        model_inputs = {k: v.to(device) for k, v in media.items() if isinstance(v, torch.Tensor)}
-        out = self.bb.model.model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            output_hidden_states=True,
-            use_cache=False,
-            **model_inputs,
-        )
-        hs = torch.stack(out.hidden_states, dim=1)  # (B, L, S, D), model dtype
-        feats = torch.zeros((n, 3, self.bb.n_layers, self.bb.dim), dtype=torch.float32)  # (B, 3, L, D)
-        ids_dev = input_ids.to(hs.device)
-        grid = media.get("video_grid_thw")
-        for b in range(n):
-            if inp.videos is not None:
-                feats[b, 0] = self._vision(hs[b], ids_dev[b], grid[b]).cpu()
-            if inp.audios is not None:
-                feats[b, 1] = self._audio(hs[b], ids_dev[b]).cpu()
-            shift = width - len(rows[b])
-            for start, stop, frame in spans[b]:
-                if frame == inp.frames[b]:
-                    feats[b, 2] += hs[b, :, shift + start: shift + stop].float().mean(dim=1).cpu()  # (L, D)
-        return feats.numpy()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        videos = [videos] if isinstance(videos, np.ndarray) else videos
+        audios = [audios] if isinstance(audios, np.ndarray) else audios
+        if audio_in_video:
+            kwargs = self.bb.processor_kwargs(audio_in_video, n_videos=len(prompts))
+        else:
+            kwargs = self.bb.processor_kwargs(audio_in_video)
+        kwargs.pop("size", None)  # the resize is the processor call's default unless the config sets one
+        if self.cfg.video_min_pixels is not None or self.cfg.video_max_pixels is not None:
+            kwargs["size"] = {"shortest_edge": self.cfg.video_min_pixels, "longest_edge": self.cfg.video_max_pixels}
+        if videos is not None:
+            kwargs.update(videos=list(videos), fps=max(1, int(round(self.cfg.video_fps))))
+        if audios is not None:
+            kwargs["audio"] = list(audios)
+        return dict(self.bb.processor(text=prompts if len(prompts) > 1 else prompts[0], **kwargs))
 
-    def _vision(self, hs: torch.Tensor, ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Mean over space of the last temporal grid's video tokens. hs (L, S, D) -> (L, D)."""
-        pos = torch.nonzero(ids == self.bb.video_token_id).squeeze(1)
-        t, h, w = (int(x) for x in grid_thw)
+    def forward(self, enc: dict, audio_in_video: bool) -> list[PassOutput]:
+        """The thinker's forward on an :meth:`encode` output, every hidden state kept; one output per row."""
+        model = self.bb.model
+        dtype = next(model.parameters()).dtype
+        inputs = {}
+        for k, v in enc.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.bb.device)
+                inputs[k] = v.to(dtype) if v.is_floating_point() else v
+        with torch.inference_mode():
+            out = model(**inputs, **self.bb.forward_kwargs(audio_in_video))
+            hidden = torch.stack(out.hidden_states, dim=0)  # (L, B, S, D), on the model's device
+        ids = enc["input_ids"].cpu().numpy().astype(np.int64)  # (B, S)
+        grid = enc.get("video_grid_thw")
+        grid = None if grid is None else grid.cpu().numpy()  # (B, 3): one video per row
+        return [
+            PassOutput(input_ids=ids[b], hidden=hidden[:, b], video_grid=None if grid is None else grid[b: b + 1])
+            for b in range(len(ids))
+        ]
+
+    def run(
+        self,
+        prompts: str | list[str],
+        videos: list[np.ndarray] | np.ndarray | None = None,
+        audios: list[np.ndarray] | np.ndarray | None = None,
+        audio_in_video: bool = False,
+    ) -> PassOutput | list[PassOutput]:
+        """Forward passes (see :meth:`encode`): one output for one prompt, a list for a list."""
+        outs = self.forward(self.encode(prompts, videos, audios, audio_in_video), audio_in_video)
+        return outs[0] if isinstance(prompts, str) else outs
+
+    # ------------------------------------------------------------------ read-outs
+
+    def vision_positions(self, out: PassOutput) -> np.ndarray:
+        """Sequence positions of the last temporal grid's video tokens. (tokens_per_grid,) int64."""
+        pos = np.flatnonzero(out.input_ids == self.bb.token_ids["video"])
+        t, h, w = (int(x) for x in out.video_grid[0])
         per_grid = h * w // self.bb.spatial_merge_size**2
-        if pos.numel() != t * per_grid:
-            raise RuntimeError(f"found {pos.numel()} video tokens, expected {t} grids x {per_grid}")
-        return hs[:, pos[-per_grid:]].float().mean(dim=1)
+        if pos.size != t * per_grid:
+            raise RuntimeError(f"found {pos.size} video tokens, expected {t} grids x {per_grid}")
+        return pos[-per_grid:]
 
-    def _audio(self, hs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states at the last audio token. hs (L, S, D) -> (L, D)."""
-        pos = torch.nonzero(ids == self.bb.audio_token_id).squeeze(1)
-        if pos.numel() == 0:
-            raise RuntimeError("no audio tokens in the prompt")
-        return hs[:, pos[-1]].float()
+    def vision(self, out: PassOutput) -> np.ndarray:
+        """Mean over the last temporal grid's video tokens: (n_layers, dim) float32."""
+        return _mean_at(out.hidden, self.vision_positions(out))
+
+    def audio_position(self, out: PassOutput, window_samples: int) -> int:
+        """Sequence position of the audio token read out for a window of ``window_samples``."""
+        pos = np.flatnonzero(out.input_ids == self.bb.token_ids["audio"])
+        if pos.size == 0:
+            raise RuntimeError("no audio tokens in the pass")
+        return int(pos[audio_readout_rank(pos.size, window_samples, self.cfg)])
+
+    def audio(self, out: PassOutput, window_samples: int) -> np.ndarray:
+        """Hidden states at the audio read-out token: (n_layers, dim) float32."""
+        return _mean_at(out.hidden, np.array([self.audio_position(out, window_samples)]))
+
+    def word_positions(self, out: PassOutput, window: TextWindow, word_index: int) -> np.ndarray:
+        """Sequence positions of the tokens of one word of the window text. (n_tokens,) int64."""
+        span = window.span_of(word_index)
+        if span is None or not window.text:
+            return np.zeros(0, np.int64)
+        ids = out.input_ids
+        for prefix in TEXT_PREFIXES:
+            enc = self._tok(prefix + window.text, add_special_tokens=False, return_offsets_mapping=True)
+            needle = np.asarray(enc["input_ids"], dtype=np.int64)
+            start = _find(ids, needle)
+            if start is None:
+                continue
+            keep = [
+                (i, a - len(prefix), b - len(prefix))
+                for i, (a, b) in enumerate(enc["offset_mapping"])
+                if b > len(prefix) and a < len(prefix) + len(window.text)
+            ]
+            hits = [i for i, a, b in keep if b > a and b > span[0] and a < span[1]]
+            if not hits:  # no token overlaps the word: its own tokens at the end of the window
+                n = len(self._tok(" " + window.text[span[0]:span[1]], add_special_tokens=False)["input_ids"])
+                hits = [i for i, _, _ in keep][-max(1, n):]
+            return start + np.asarray(hits, dtype=np.int64)
+        raise RuntimeError(f"transcript window {window.text[:60]!r}... not found among the pass's tokens")
+
+    def word(self, out: PassOutput, window: TextWindow, word_index: int) -> np.ndarray | None:
+        """Mean over the word's tokens: (n_layers, dim) float32, None if it has none."""
+        pos = self.word_positions(out, window, word_index)
+        return _mean_at(out.hidden, pos) if pos.size else None
+
+
+def _mean_at(hidden: torch.Tensor, positions: np.ndarray) -> np.ndarray:
+    """Mean over sequence positions in float32: hidden (L, S, D) -> (L, D) numpy."""
+    idx = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(hidden.device)
+    return hidden[:, idx].float().mean(dim=1).cpu().numpy()
+
+
+def _find(haystack: np.ndarray, needle: np.ndarray) -> int | None:
+    """Index of the first occurrence of ``needle`` in ``haystack`` (1-D int arrays), or None."""
+    if needle.size == 0 or needle.size > haystack.size:
+        return None
+    for s in np.flatnonzero(haystack[: haystack.size - needle.size + 1] == needle[0]):
+        if np.array_equal(haystack[s: s + needle.size], needle):
+            return int(s)
+    return None

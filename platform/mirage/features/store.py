@@ -6,6 +6,11 @@ Layout::
     <features.store>/<key>/<stimulus_id>.npy     float16 (n_frames, 3, n_layers, dim)
 
 Axis 1 holds the modalities in the order vision, audio, text (``mirage.config.MODALITIES``).
+Each modality has its own frame count (text from the transcript's length, audio and vision from
+the media's), recorded per stimulus in the manifest (``frames``); ``n_frames`` is the largest and a
+modality's rows past its own count are zero. Frame ``k`` of every modality covers the same time
+(``k / rate_hz`` seconds), so slicing rows by time and zero-padding is the reference's
+per-modality slicing.
 The key hashes backbone id + revision + every extraction parameter, so features written with
 other parameters live elsewhere; a manifest whose parameters differ from the config is refused.
 Arrays appear atomically (written to a temporary name, fsynced, renamed) and are recorded in the
@@ -28,10 +33,11 @@ from mirage.config import MODALITIES, FeaturesConfig
 from mirage.errors import FeatureStoreError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PARAM_FIELDS = (
     "backbone", "model_id", "revision", "fusion", "rate_hz", "video_seconds", "video_fps", "max_frames",
-    "audio_seconds", "audio_rate", "max_words", "dtype",
+    "video_min_pixels", "video_max_pixels",
+    "audio_seconds", "audio_rate", "audio_decode_rate", "max_words", "transcript_tr", "dtype",
 )
 
 
@@ -71,7 +77,7 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for name in ("torch", "transformers", "tokenizers", "numpy", "av", "mirage-platform"):
+    for name in ("torch", "transformers", "tokenizers", "numpy", "av", "julius", "mirage-platform"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -153,8 +159,14 @@ class FeatureStore:
         return self.root / f"{stimulus_id}.npy"
 
     def n_frames(self, stimulus_id: str) -> int:
-        """Feature frames of a stored stimulus."""
+        """Feature frames of a stored stimulus (the largest of its modalities' counts)."""
         return int(self._entry(stimulus_id)["shape"][0])
+
+    def modality_frames(self, stimulus_id: str) -> dict[str, int]:
+        """Frames of each modality of a stored stimulus; rows past a modality's count are zero."""
+        entry = self._entry(stimulus_id)
+        n = int(entry["shape"][0])
+        return {m: int(entry.get("frames", {}).get(m, n)) for m in MODALITIES}
 
     def _entry(self, stimulus_id: str) -> dict[str, Any]:
         entry = self.manifest.get("stimuli", {}).get(stimulus_id)
@@ -221,8 +233,11 @@ class FeatureStore:
             except (OSError, ValueError) as e:
                 problems[sid] = f"{path}: unreadable ({e})"
                 continue
+            frames = entry.get("frames", {})
             if list(arr.shape) != list(entry["shape"]) or arr.dtype != np.float16:
                 problems[sid] = f"{path}: shape {arr.shape} {arr.dtype}, expected {tuple(entry['shape'])} float16"
+            elif any(not 0 <= int(v) <= arr.shape[0] for v in frames.values()):
+                problems[sid] = f"{path}: modality frame counts {frames} outside [0, {arr.shape[0]}]"
             elif check_sums and file_sha256(path) != entry["sha256"]:
                 problems[sid] = f"{path}: checksum differs from the manifest"
         for tmp in self.root.glob("*.tmp-*"):
@@ -300,10 +315,13 @@ class StoreWriter:
         """Recorded in the manifest and present on disk."""
         return stimulus_id in self.manifest["stimuli"] and (self.root / f"{stimulus_id}.npy").is_file()
 
-    def write(self, stimulus_id: str, features: np.ndarray) -> Path:
-        """Store float16 (n_frames, 3, n_layers, dim) atomically, then record it in the manifest."""
+    def write(self, stimulus_id: str, features: np.ndarray, frames: dict[str, int] | None = None) -> Path:
+        """Store (n_frames, 3, n_layers, dim) as float16 atomically, then record it in the manifest.
+
+        ``frames``: each modality's own frame count (default: ``n_frames`` for all).
+        """
         features = np.asarray(features)
-        part = self.begin(stimulus_id, features.shape)
+        part = self.begin(stimulus_id, features.shape, frames)
         try:
             part.put(0, features)
         except BaseException:
@@ -311,21 +329,30 @@ class StoreWriter:
             raise
         return part.commit()
 
-    def begin(self, stimulus_id: str, shape: tuple[int, ...]) -> "PartialWrite":
-        """Start writing a stimulus span by span into a temporary file (bounded memory)."""
+    def begin(self, stimulus_id: str, shape: tuple[int, ...], frames: dict[str, int] | None = None) -> "PartialWrite":
+        """Start writing a stimulus span by span into a temporary file (bounded memory).
+
+        ``frames``: each modality's own frame count, at most ``shape[0]`` (default: all ``shape[0]``).
+        """
         shape = tuple(int(x) for x in shape)
         if len(shape) != 4 or shape[1] != len(MODALITIES):
             raise FeatureStoreError(f"{stimulus_id}: features of shape {shape}, expected (n_frames, 3, n_layers, dim)")
+        frames = {m: int((frames or {}).get(m, shape[0])) for m in MODALITIES}
+        if any(not 0 <= v <= shape[0] for v in frames.values()) or (shape[0] and max(frames.values()) != shape[0]):
+            raise FeatureStoreError(
+                f"{stimulus_id}: modality frame counts {frames}, expected each in [0, {shape[0]}] and the largest {shape[0]}"
+            )
         for name, value in (("n_layers", shape[2]), ("dim", shape[3])):
             known = self.manifest.get(name)
             if known is not None and known != value:
                 raise FeatureStoreError(f"{stimulus_id}: {name}={value}, but the store at {self.root} has {known}")
-        return PartialWrite(self, stimulus_id, shape)
+        return PartialWrite(self, stimulus_id, shape, frames)
 
-    def _record(self, stimulus_id: str, path: Path, shape: tuple[int, ...]) -> None:
+    def _record(self, stimulus_id: str, path: Path, shape: tuple[int, ...], frames: dict[str, int]) -> None:
         self.manifest["n_layers"], self.manifest["dim"] = int(shape[2]), int(shape[3])
         self.manifest["stimuli"][stimulus_id] = {
             "shape": list(shape),
+            "frames": dict(frames),
             "sha256": file_sha256(path),
             "bytes": path.stat().st_size,
         }
@@ -339,38 +366,79 @@ class StoreWriter:
 
 
 class PartialWrite:
-    """A stimulus being written: spans go into ``<id>.npy.tmp-<pid>``; ``commit`` renames it into place."""
+    """A stimulus being written: features gather in a float32 scratch file ``<id>.f32.tmp-<pid>``;
+    ``commit`` casts them to float16 into ``<id>.npy.tmp-<pid>`` and renames that into place."""
 
-    def __init__(self, writer: StoreWriter, stimulus_id: str, shape: tuple[int, ...]):
-        self.writer, self.stimulus_id, self.shape = writer, stimulus_id, shape
+    def __init__(self, writer: StoreWriter, stimulus_id: str, shape: tuple[int, ...], frames: dict[str, int]):
+        self.writer, self.stimulus_id, self.shape, self.frames = writer, stimulus_id, shape, frames
         self.path = writer.root / f"{stimulus_id}.npy"
         self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self._arr = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16, shape=shape)
+        self.scratch = writer.root / f"{stimulus_id}.f32.tmp-{os.getpid()}"
+        self._arr = np.lib.format.open_memmap(self.scratch, mode="w+", dtype=np.float32, shape=shape)  # zeros
 
     def put(self, start: int, features: np.ndarray) -> None:
-        """Write frames [start, start + len(features)); float16 (n, 3, n_layers, dim)."""
+        """Write frames [start, start + len(features)) of every modality; (n, 3, n_layers, dim)."""
         features = np.asarray(features)
         if features.ndim != 4 or features.shape[1:] != self.shape[1:] or start < 0 or start + len(features) > self.shape[0]:
             raise FeatureStoreError(
                 f"{self.stimulus_id}: span of shape {features.shape} at frame {start} does not fit {self.shape}"
             )
-        if not np.isfinite(features).all():
-            raise FeatureStoreError(f"{self.stimulus_id}: features hold NaN or inf (float16 overflow?); not stored")
+        self._check_finite(features)
         self._arr[start: start + len(features)] = features
 
+    def set(self, modality: int, frame: int, vector: np.ndarray) -> None:
+        """Frame ``frame`` of modality ``modality`` (index into MODALITIES) = vector (n_layers, dim)."""
+        self._check_rows(modality, frame, frame + 1, vector)
+        self._arr[frame, modality] = vector
+
+    def add(self, modality: int, start: int, stop: int, vector: np.ndarray) -> None:
+        """Frames [start, stop) of a modality += vector (n_layers, dim) (words summed into text bins)."""
+        self._check_rows(modality, start, stop, vector)
+        self._arr[start:stop, modality] += np.asarray(vector, np.float32)[None]
+
+    def _check_rows(self, modality: int, start: int, stop: int, vector: np.ndarray) -> None:
+        m = MODALITIES[modality]
+        if not 0 <= start < stop <= self.frames[m] or np.shape(vector) != self.shape[2:]:
+            raise FeatureStoreError(
+                f"{self.stimulus_id}: {m} frames [{start}, {stop}) of shape {np.shape(vector)} do not fit "
+                f"{self.frames[m]} frames of {self.shape[2:]}"
+            )
+        self._check_finite(vector)
+
+    def _check_finite(self, x: np.ndarray) -> None:
+        if not np.isfinite(x).all():
+            raise FeatureStoreError(f"{self.stimulus_id}: features hold NaN or inf; not stored")
+
     def commit(self) -> Path:
-        """Flush, fsync, rename into place, record in the manifest."""
-        self._arr.flush()
-        del self._arr
+        """Cast to float16, fsync, rename into place, record in the manifest."""
+        out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16, shape=self.shape)
+        step = max(1, (1 << 26) // max(1, int(np.prod(self.shape[1:]))))  # ~256 MB of float32 per block
+        for lo in range(0, self.shape[0], step):
+            with np.errstate(over="ignore"):
+                block = self._arr[lo: lo + step].astype(np.float16)
+            if not np.isfinite(block).all():
+                del out
+                self.abort()
+                raise FeatureStoreError(
+                    f"{self.stimulus_id}: features overflow float16 (|x| > 65504) in frames [{lo}, {lo + step}); not stored"
+                )
+            out[lo: lo + step] = block
+        out.flush()
+        del out
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
-        self.writer._record(self.stimulus_id, self.path, self.shape)
+        self._drop_scratch()
+        self.writer._record(self.stimulus_id, self.path, self.shape, self.frames)
         return self.path
 
-    def abort(self) -> None:
-        """Drop the temporary file."""
+    def _drop_scratch(self) -> None:
         self.__dict__.pop("_arr", None)
+        self.scratch.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Drop the temporary files."""
+        self._drop_scratch()
         self.tmp.unlink(missing_ok=True)
 
 

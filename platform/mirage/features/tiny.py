@@ -1,8 +1,10 @@
-"""The ``tiny`` backbone: the real Qwen3-Omni thinker classes at tiny sizes, built locally.
+"""Tiny variants: the real Qwen-Omni thinker and processor classes at tiny sizes, built locally.
 
 Weights are random (seeded by ``cfg.tiny.seed``); the tokenizer is a byte-level BPE trained in
-milliseconds with the ``tokenizers`` library and carries the Qwen special tokens, so the
-processor expands placeholders exactly as it does for the released checkpoint. No download.
+milliseconds with the ``tokenizers`` library and carries the family's special tokens, wrapped in
+the family's real processor class, so placeholders expand exactly as they do for the released
+checkpoints. Sizes come from ``features.tiny``; everything else (rope layout, token roles, audio and
+video time grids) is the family's. No download.
 """
 
 from __future__ import annotations
@@ -12,22 +14,7 @@ import string
 
 from mirage.config import FeaturesConfig, TinyBackboneConfig
 from mirage.features.backbone import Backbone
-
-SPECIAL_TOKENS = {
-    "image_token": "<|image_pad|>",
-    "video_token": "<|video_pad|>",
-    "audio_token": "<|audio_pad|>",
-    "vision_bos_token": "<|vision_start|>",
-    "vision_eos_token": "<|vision_end|>",
-    "audio_bos_token": "<|audio_start|>",
-    "audio_eos_token": "<|audio_end|>",
-    "im_start_token": "<|im_start|>",
-    "im_end_token": "<|im_end|>",
-}
-"""Named special tokens of the Qwen3-Omni tokenizer that the processor and prompt use."""
-
-ENDOFTEXT = "<|endoftext|>"
-
+from mirage.features.families import ENDOFTEXT, QWEN2_5_OMNI, QWEN3_OMNI, Family
 
 def _corpus() -> list[str]:
     """A small deterministic training text: letters, digits and common English words."""
@@ -41,12 +28,12 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int):
-    """A Qwen2 tokenizer (byte-level BPE) trained locally, with the Qwen special tokens."""
+def build_tokenizer(vocab_size: int, family: Family = QWEN3_OMNI):
+    """A Qwen2 tokenizer (byte-level BPE) trained locally, with the family's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    specials = [ENDOFTEXT, *SPECIAL_TOKENS.values()]
+    specials = [ENDOFTEXT, *family.special_tokens.values()]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -60,34 +47,45 @@ def build_tokenizer(vocab_size: int):
     return Qwen2Tokenizer(
         vocab=model["vocab"],
         merges=[tuple(m) for m in model["merges"]],
-        model_specific_special_tokens=dict(SPECIAL_TOKENS),
+        model_specific_special_tokens=dict(family.special_tokens),
     )
 
 
-def build_processor(t: TinyBackboneConfig, audio_rate: int):
-    """Qwen3OmniMoeProcessor from locally built parts; returns (processor, video processor kwargs)."""
-    from transformers import Qwen3OmniMoeProcessor, WhisperFeatureExtractor
+def build_processor(t: TinyBackboneConfig, audio_rate: int, family: Family = QWEN3_OMNI):
+    """The family's processor from locally built parts; returns (processor, video processor kwargs)."""
+    from transformers import WhisperFeatureExtractor
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
+    processor_cls, _, _ = family.classes()
     unit = t.patch_size * 2  # spatial merge 2: frames resize to multiples of this
     size = {"shortest_edge": unit * unit, "longest_edge": t.video_max_pixels}
     vision = dict(patch_size=t.patch_size, temporal_patch_size=2, merge_size=2, size=size)
-    processor = Qwen3OmniMoeProcessor(
+    processor = processor_cls(
         image_processor=Qwen2VLImageProcessor(**vision),
         video_processor=Qwen2VLVideoProcessor(**vision),
-        feature_extractor=WhisperFeatureExtractor(feature_size=t.mel_bins, sampling_rate=audio_rate),
-        tokenizer=build_tokenizer(t.vocab_size),
+        feature_extractor=WhisperFeatureExtractor(
+            feature_size=t.mel_bins, sampling_rate=audio_rate, **family.audio_extractor
+        ),
+        tokenizer=build_tokenizer(t.vocab_size, family),
     )
     return processor, {"size": size, "cap_pixels_per_frame": False}
+
+
+def _token_ids(family: Family, tokenizer) -> dict[str, int]:
+    return {k: int(tokenizer.convert_tokens_to_ids(v)) for k, v in family.special_tokens.items()}
+
+
+def _check_vocab(t: TinyBackboneConfig, tokenizer) -> None:
+    if len(tokenizer) > t.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than features.tiny.vocab_size={t.vocab_size}")
 
 
 def thinker_config(t: TinyBackboneConfig, tokenizer):
     """A tiny ``Qwen3OmniMoeThinkerConfig`` whose special token ids are those of ``tokenizer``."""
     from transformers import Qwen3OmniMoeThinkerConfig
 
-    ids = {k: int(tokenizer.convert_tokens_to_ids(v)) for k, v in SPECIAL_TOKENS.items()}
-    if len(tokenizer) > t.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than features.tiny.vocab_size={t.vocab_size}")
+    ids = _token_ids(QWEN3_OMNI, tokenizer)
+    _check_vocab(t, tokenizer)
     head_dim = t.hidden // t.heads
     quarter = head_dim // 2 // 4  # rotary pairs split over (time, height, width) as 2:1:1
     mrope = [head_dim // 2 - 2 * quarter, quarter, quarter]
@@ -136,15 +134,79 @@ def thinker_config(t: TinyBackboneConfig, tokenizer):
     )
 
 
-def load_tiny(cfg: FeaturesConfig) -> Backbone:
-    """Build the tiny thinker (float32, CPU) with seeded random weights, and its processor."""
-    import torch
-    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+def thinker_config_qwen2_5(t: TinyBackboneConfig, tokenizer):
+    """A tiny ``Qwen2_5OmniThinkerConfig`` (dense text model, windowed vision) with ``tokenizer``'s ids.
 
-    processor, video_kwargs = build_processor(cfg.tiny, cfg.audio_rate)
-    config = thinker_config(cfg.tiny, processor.tokenizer)
+    As in the released checkpoints, the video/audio/image ids are the ``*_token_index`` fields and the
+    vision start/end ids ride along as extra keys (the thinker's rope index reads
+    ``vision_start_token_id``). The rotary split over (time, height, width) is the released 1:1.5:1.5
+    (16, 24, 24 of 64 pairs), not interleaved; the vision window is the released 8 patches.
+    """
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    ids = _token_ids(QWEN2_5_OMNI, tokenizer)
+    _check_vocab(t, tokenizer)
+    head_dim = t.hidden // t.heads
+    pairs = head_dim // 2
+    spatial = pairs * 3 // 8
+    mrope = [pairs - 2 * spatial, spatial, spatial]
+    return Qwen2_5OmniThinkerConfig(
+        text_config=dict(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden,
+            intermediate_size=t.hidden * t.ffn_mult,
+            num_hidden_layers=t.n_layers,
+            num_attention_heads=t.heads,
+            num_key_value_heads=t.kv_heads,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+        ),
+        vision_config=dict(
+            depth=t.vision_depth,
+            hidden_size=t.vision_hidden,
+            intermediate_size=t.vision_hidden * t.ffn_mult,
+            num_heads=t.encoder_heads,
+            patch_size=t.patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=8 * t.patch_size,
+            out_hidden_size=t.hidden,
+            fullatt_block_indexes=[t.vision_depth - 1],
+        ),
+        audio_config=dict(
+            num_mel_bins=t.mel_bins,
+            encoder_layers=t.audio_layers,
+            encoder_attention_heads=t.encoder_heads,
+            encoder_ffn_dim=t.audio_hidden * t.ffn_mult,
+            d_model=t.audio_hidden,
+            output_dim=t.hidden,
+        ),
+        audio_token_index=ids["audio_token"],
+        image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+        vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"],
+    )
+
+
+_CONFIGS = {QWEN3_OMNI.name: thinker_config, QWEN2_5_OMNI.name: thinker_config_qwen2_5}
+
+
+def build_tiny(cfg: FeaturesConfig, family: Family, name: str) -> Backbone:
+    """Build ``family``'s tiny thinker (float32, CPU) with seeded random weights, and its processor."""
+    import torch
+
+    _, thinker_cls, _ = family.classes()
+    processor, video_kwargs = build_processor(cfg.tiny, cfg.audio_rate, family)
+    config = _CONFIGS[family.name](cfg.tiny, processor.tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.tiny.seed)
-        model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
+        model = thinker_cls(config)
     model.eval().requires_grad_(False)
-    return Backbone.from_loaded("tiny", model, processor, video_kwargs)
+    return Backbone.from_loaded(name, model, processor, video_kwargs, family=family.name)
+
+
+def load_tiny(cfg: FeaturesConfig) -> Backbone:
+    """The ``tiny`` backbone: the tiny Qwen3-Omni thinker."""
+    return build_tiny(cfg, QWEN3_OMNI, "tiny")

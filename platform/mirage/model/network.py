@@ -61,6 +61,8 @@ class MirageModel(nn.Module):
         self.feature_dims = {m: (int(feature_dims[m][0]), int(feature_dims[m][1])) for m in self.modalities}
         self.n_parcels, self.n_subjects, self.n_output_trs = n_parcels, n_subjects, n_output_trs
         self.modality_dropout = cfg.modality_dropout
+        self.modality_dropout_per = cfg.modality_dropout_per
+        self.dropout_generator: torch.Generator | None = None
         proj_dim = cfg.hidden_dim // len(self.modalities)
         self.dim = proj_dim * len(self.modalities)
         if self.dim % cfg.heads:
@@ -93,7 +95,7 @@ class MirageModel(nn.Module):
             cfg.time_init_std,
             cfg.rotary_base,
         )
-        self.head = SubjectLinear(self.dim, n_parcels, n_subjects)
+        self.head = SubjectLinear(self.dim, n_parcels, n_subjects, init=cfg.head_init)
 
     # ------------------------------------------------------------------ parts
 
@@ -123,7 +125,13 @@ class MirageModel(nn.Module):
         return kept, B, T
 
     def _keep_mask(self, kept: list[str], B: int, device: torch.device) -> Tensor:
-        """``(B, n_modalities)`` bool training mask: random modality dropout, at least one kept."""
+        """``(B, n_modalities)`` bool training mask: random modality dropout, at least one kept.
+
+        Drawn for each sample (``model.modality_dropout_per == "sample"``) or once for the whole
+        batch (``"batch"``, on the CPU, as the reference), then the same for every row.
+        """
+        if self.modality_dropout_per == "batch":
+            return self._batch_keep_mask(kept).to(device).expand(B, -1)  # (B, M)
         avail = torch.tensor([m in kept for m in self.modalities], device=device)
         keep = avail.expand(B, -1).clone()  # (B, M)
         if self.modality_dropout > 0:
@@ -133,6 +141,28 @@ class MirageModel(nn.Module):
             rescue = F.one_hot(scores.argmax(dim=1), len(self.modalities)).bool()  # (B, M) one random kept
             keep |= rescue & none
         return keep
+
+    def _batch_keep_mask(self, kept: list[str]) -> Tensor:
+        """``(n_modalities,)`` bool: each available modality dropped with probability p; one kept at random if
+        all were."""
+        avail = torch.tensor([m in kept for m in self.modalities])  # (M,)
+        if self.modality_dropout <= 0:
+            return avail
+        g = self.dropout_generator
+        keep = avail & (torch.rand(len(self.modalities), generator=g) >= self.modality_dropout)  # (M,)
+        if not keep.any():
+            choices = avail.nonzero().flatten()
+            pick = torch.randint(len(choices), (1,), generator=g)
+            keep = F.one_hot(choices[pick], len(self.modalities)).flatten().bool()
+        return keep
+
+    def seed_modality_dropout(self, seed: int | None) -> None:
+        """Draw per-batch modality dropout from a generator seeded with ``seed`` (None: torch's global one).
+
+        Seeded alike on every rank, every rank zeroes the same modalities in its share of a global
+        batch, so a sharded run drops what a single process would.
+        """
+        self.dropout_generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def fuse(
         self, features: Mapping[str, Tensor], drop: Iterable[str] = (), trace: dict[str, Tensor] | None = None

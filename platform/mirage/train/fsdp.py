@@ -40,14 +40,20 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
 
     The model must hold identical weights on every rank (same seed) and sit on ``device``.
     Gloo serves CPU ranks, NCCL GPU ranks (the process group the launcher created).
+    Gradients are summed over ranks, not averaged: each rank's loss is already normalised by the
+    whole global batch, so every rank's backward carries the magnitudes one process would (which
+    keeps fp16 loss scaling on the single-process schedule).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in model.encoder_blocks():
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    units = [*model.encoder_blocks(), model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    for unit in units:
+        unit.set_force_sum_reduction_for_comms(True)
+        unit.set_gradient_divide_factor(1.0)
     return model
 
 

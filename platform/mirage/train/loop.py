@@ -23,8 +23,9 @@ import torch.distributed as dist
 from mirage.config import Config
 from mirage.train import fsdp
 from mirage.train.data import PrefetchLoader, WindowDataset, epoch_plan
-from mirage.train.optim import build_optimizer, build_scheduler
+from mirage.train.optim import build_grad_scaler, build_optimizer, build_scheduler
 from mirage.train.steps import PearsonAccumulator, eval_batch, train_step
+from mirage.valpred import predict_validation
 
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -92,37 +93,58 @@ def export_meta(cfg: Config, ds: WindowDataset) -> dict[str, Any]:
     }
 
 
-def evaluate(model, ds: WindowDataset, cfg: Config, session: Session) -> tuple[np.ndarray, float]:
-    """Validation Pearson r (n_subjects, n_parcels) over every real row of the split, and the masked MSE."""
+@dataclass
+class Validation:
+    """One evaluation of the validation split.
+
+    Attributes:
+        r: (n_subjects, n_parcels) Pearson r per subject over real fMRI rows.
+        r_pooled: (n_parcels,) Pearson r over every row of every window, all subjects pooled.
+        loss: masked MSE over real rows.
+    """
+
+    r: np.ndarray
+    r_pooled: np.ndarray
+    loss: float
+
+
+def evaluate(model, ds: WindowDataset, cfg: Config, session: Session) -> Validation:
+    """Validation r per subject (real rows), pooled r (all rows of the split's windows) and the masked MSE."""
     acc = PearsonAccumulator(len(cfg.data.subjects), ds.n_parcels, device=session.device)
+    pooled = PearsonAccumulator(1, ds.n_parcels, device=session.device)
     plan = epoch_plan(
         ds.refs, ds.n_parcels, cfg.train.batch_size, session.rank, session.world_size, shuffle=False, seed=0, epoch=0
     )
     sse = torch.zeros((), dtype=torch.float64, device=session.device)
-    for hb in PrefetchLoader(ds.batch, plan.batches, cfg.train.loader_threads):
+    for items, hb in zip(plan.batches, PrefetchLoader(ds.batch, plan.batches, cfg.train.loader_threads)):
         batch = hb.to(session.device, cfg.model.modalities)
-        sse += eval_batch(model, batch, acc, cfg.train.precision).double()
+        real = torch.tensor([ok for _, ok in items], dtype=torch.bool, device=session.device)  # (B,)
+        sse += eval_batch(model, batch, acc, cfg.train.precision, pooled=pooled, real=real).double()
     _all_sum(acc.sums)
+    _all_sum(pooled.sums)
     _all_sum(sse)
     cells = float(acc.sums[0].sum())
-    return acc.compute().cpu().numpy(), float(sse) / max(cells, 1.0)
+    return Validation(acc.compute().cpu().numpy(), pooled.compute()[0].cpu().numpy(), float(sse) / max(cells, 1.0))
 
 
-def epoch_metrics(cfg: Config, r: np.ndarray, ds: WindowDataset) -> dict[str, float]:
-    """``val_r`` (mean over subjects with validation windows of the mean over parcels) and ``val_r/<subject>``.
+def epoch_metrics(cfg: Config, val: Validation, ds: WindowDataset) -> dict[str, float]:
+    """``val_r/<subject>``, both selection scores and ``val_r``, the one ``train.selection_metric`` names.
 
-    Args:
-        r: (n_subjects, n_parcels) validation Pearson r.
+    ``val_r_per_subject``: mean over subjects with validation windows of the mean over parcels;
+    ``val_r_pooled``: mean over parcels of the pooled r.
     """
     out: dict[str, float] = {}
     seen = sorted({ref.subject_index for ref in ds.refs})
     for s in seen:
-        out[f"val_r/{cfg.data.subjects[s]}"] = float(r[s].mean())
-    out["val_r"] = float(np.mean([out[f"val_r/{cfg.data.subjects[s]}"] for s in seen])) if seen else 0.0
+        out[f"val_r/{cfg.data.subjects[s]}"] = float(val.r[s].mean())
+    out["val_r_per_subject"] = float(np.mean([out[f"val_r/{cfg.data.subjects[s]}"] for s in seen])) if seen else 0.0
+    out["val_r_pooled"] = float(val.r_pooled.mean()) if seen else 0.0
+    out["val_r"] = out[f"val_r_{cfg.train.selection_metric}"]
     return out
 
 
-def train_epoch(model, optimizer, scheduler, ds: WindowDataset, cfg: Config, session: Session, epoch: int) -> dict:
+def train_epoch(model, optimizer, scheduler, ds: WindowDataset, cfg: Config, session: Session, epoch: int,
+                scaler: torch.amp.GradScaler | None = None) -> dict:
     """One pass over this rank's share of the training windows; returns the epoch's training metrics."""
     tc = cfg.train
     t0 = time.perf_counter()
@@ -133,15 +155,17 @@ def train_epoch(model, optimizer, scheduler, ds: WindowDataset, cfg: Config, ses
     sse = torch.zeros((), dtype=torch.float64, device=session.device)
     for hb, global_cells in zip(loader, plan.cells):
         batch = hb.to(session.device, cfg.model.modalities, pin=True)
-        loss_norm = max(global_cells, 1) / session.world_size
+        loss_norm = max(global_cells, 1)
         sse += train_step(model, batch, optimizer, loss_norm=loss_norm, grad_clip=tc.grad_clip,
-                          precision=tc.precision).double()
+                          precision=tc.precision, scaler=scaler).double()
         scheduler.step()
     seconds = time.perf_counter() - t0
     train_loss = float(_all_sum(sse)) / max(sum(plan.cells), 1)
     if not math.isfinite(train_loss):
         raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss} (lower train.lr or check the inputs)")
+    extra = {"loss_scale": float(scaler.get_scale())} if scaler is not None else {}
     return {
+        **extra,
         "train_loss": train_loss,
         "lr": float(scheduler.get_last_lr()[0]),
         "epoch_s": seconds,
@@ -152,7 +176,7 @@ def train_epoch(model, optimizer, scheduler, ds: WindowDataset, cfg: Config, ses
 
 
 def checkpoint_writer(cfg, session, ds, model, optimizer, scheduler, state: FitState, *, export: bool,
-                      full: dict | None, val_r: np.ndarray | None) -> Callable[[Path], None]:
+                      full: dict | None, val_r: np.ndarray | None, scaler=None) -> Callable[[Path], None]:
     """The function that writes this rank's part of the epoch checkpoint into a directory.
 
     Every rank writes its DCP shard; rank 0 adds the schedule and loop state and, on a new best
@@ -164,7 +188,10 @@ def checkpoint_writer(cfg, session, ds, model, optimizer, scheduler, state: FitS
         fsdp.save_checkpoint(path, model, optimizer)
         if session.rank != 0:
             return
-        torch.save({"scheduler": scheduler.state_dict(), "fit_state": json.dumps(state.__dict__)}, path / STATE_FILE)
+        saved = {"scheduler": scheduler.state_dict(), "fit_state": json.dumps(state.__dict__)}
+        if scaler is not None:
+            saved["scaler"] = scaler.state_dict()
+        torch.save(saved, path / STATE_FILE)
         if export:
             _export(path / MODEL_DIR, cfg, ds, model, full)
             if val_r is not None:
@@ -179,11 +206,14 @@ def fit(
     *,
     store=None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_val_predictions: Callable[[int, dict[str, dict[str, np.ndarray]]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` on this rank; returns the summary (history, best val r and epoch).
 
     Resumes from ``session.restore()`` when it holds a checkpoint. ``on_epoch`` receives each
-    epoch's metrics (on every rank; a tracking hook logs on rank 0 only).
+    epoch's metrics (on every rank; a tracking hook logs on rank 0 only). With
+    ``ensemble.epoch_predictions``, ``on_val_predictions(epoch, subject -> run id -> (n_trs, P))``
+    receives every epoch's whole-run validation predictions.
     """
     from mirage.features.store import open_store
 
@@ -204,6 +234,7 @@ def fit(
     optimizer = build_optimizer(model, tc)
     steps_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
     scheduler = build_scheduler(optimizer, tc, tc.epochs * steps_per_epoch)
+    scaler = build_grad_scaler(tc, session.device)
 
     state = FitState()
     with session.restore() as ckpt:
@@ -211,17 +242,25 @@ def fit(
             fsdp.load_checkpoint(ckpt, model, optimizer)
             saved = torch.load(Path(ckpt) / STATE_FILE, weights_only=True)
             scheduler.load_state_dict(saved["scheduler"])
+            if scaler is not None and "scaler" in saved:
+                scaler.load_state_dict(saved["scaler"])
             state = FitState(**json.loads(saved["fit_state"]))
 
     start_epoch = state.epoch + 1
     for epoch in range(start_epoch, tc.epochs):
         seed_everything(tc.seed + 1009 * (epoch + 1) + 7919 * session.rank)
+        model.seed_modality_dropout(tc.seed + 1009 * (epoch + 1))  # per-batch draws: the same on every rank
         metrics = {"epoch": epoch, "start_epoch": start_epoch}
-        metrics.update(train_epoch(model, optimizer, scheduler, train_ds, cfg, session, epoch))
+        metrics.update(train_epoch(model, optimizer, scheduler, train_ds, cfg, session, epoch, scaler))
         r = None
         if len(val_ds):
-            r, metrics["val_loss"] = evaluate(model, val_ds, cfg, session)
-            metrics.update(epoch_metrics(cfg, r, val_ds))
+            val = evaluate(model, val_ds, cfg, session)
+            r, metrics["val_loss"] = val.r, val.loss
+            metrics.update(epoch_metrics(cfg, val, val_ds))
+            if cfg.ensemble.epoch_predictions:  # on every rank: a sharded forward gathers parameters
+                preds = predict_validation(model, cfg, val_ds, session.device)
+                if on_val_predictions is not None:
+                    on_val_predictions(epoch, preds)
         else:
             metrics["val_r"] = 0.0
         is_best = metrics["val_r"] > state.best_val_r
@@ -234,7 +273,7 @@ def fit(
         if on_epoch is not None:
             on_epoch(metrics)
         session.report(metrics, checkpoint_writer(cfg, session, train_ds, model, optimizer, scheduler, state,
-                                                  export=is_best, full=full, val_r=r))
+                                                  export=is_best, full=full, val_r=r, scaler=scaler))
 
     return {
         "history": state.history,

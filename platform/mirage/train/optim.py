@@ -1,4 +1,4 @@
-"""AdamW and the OneCycle schedule (stepped once per optimiser step)."""
+"""AdamW, the OneCycle schedule (stepped once per optimiser step) and the fp16 loss scaler."""
 
 from __future__ import annotations
 
@@ -19,3 +19,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=cfg.warmup_frac
     )
+
+
+def build_grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """The dynamic loss scaler of ``train.precision == 'fp16'`` (None for any other precision).
+
+    ``torch.amp.GradScaler`` on ``device``'s type, sharded or not: under FSDP2 (``fully_shard``)
+    the gradients are DTensor shards, and DTensor reduces the scaler's inf/NaN flag over the
+    mesh (max) when it unscales them, so every rank skips the same steps and the shards stay in
+    step. torch's default scale schedule, as the reference's ``16-mixed`` uses.
+    """
+    if cfg.precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)

@@ -1,12 +1,14 @@
 """Pure training and evaluation steps: masked MSE, one optimiser step, streaming Pearson r.
 
 Padded rows (beyond the edges of a run) carry ``mask == False``; they enter neither the
-loss nor the correlation.
+loss nor the per-subject correlation. The pooled correlation (the reference's selection
+score) takes every row of every window of the split, padded rows included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -35,12 +37,30 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return masked_sse(pred, target, mask) / n
 
 
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device``: bf16 (``'bf16'``, ``'auto'`` on a GPU),
+    float16 (``'fp16'``), or None (``'fp32'``, ``'auto'`` on a CPU)."""
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision == 'bf16'`` (or ``'auto'`` on a GPU), else a no-op."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """Autocast to :func:`autocast_dtype` of ``precision`` on ``device``, or a no-op."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _unscale(scaler, optimizer: torch.optim.Optimizer) -> None:
+    """``scaler.unscale_``. On sharded (DTensor) gradients DTensor reduces the one-element inf flag over the
+    mesh, warning that it wraps a plain tensor: intended here, so that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1")
+        scaler.unscale_(optimizer)
 
 
 def train_step(
@@ -52,12 +72,15 @@ def train_step(
     grad_clip: float,
     precision: str = "fp32",
     clip_fn: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """One optimiser step on one batch (the caller advances the schedule).
 
-    ``loss_norm`` is the number of real (row, parcel) cells this rank's share of the global
-    batch stands for (global cells / world size), so that gradients averaged over ranks equal
-    the gradient of the global masked MSE, whatever the split of padded rows between ranks.
+    ``loss_norm`` is the number of real (row, parcel) cells of the whole global batch, so that
+    gradients summed over ranks (as :func:`mirage.train.fsdp.shard_model` reduces them) equal the
+    gradient of the global masked MSE, whatever the split of padded rows between ranks.
+    With a ``scaler`` (fp16) the loss is scaled before backward, gradients are unscaled before
+    clipping, and a step whose gradients hold an inf or NaN is skipped (the scale then shrinks).
     Returns the detached sum of squared errors of this rank's rows (for logging).
     """
     model.train()
@@ -67,10 +90,18 @@ def train_step(
     sse = masked_sse(pred, batch.fmri, batch.mask)
     loss = sse / loss_norm
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        (clip_fn or nn.utils.clip_grad_norm_)(params, grad_clip)
+        optimizer.step()
+        return sse.detach()
+    scaler.scale(loss).backward()
+    _unscale(scaler, optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     (clip_fn or nn.utils.clip_grad_norm_)(params, grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     return sse.detach()
 
 
@@ -113,11 +144,34 @@ class PearsonAccumulator:
         return torch.where(den > 0, cov / den.clamp_min(1e-300), torch.zeros_like(den))
 
 
+def pooled_rows(real: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``(B, n_rows)`` bool: every row of the windows that belong to the split (``real`` ``(B,)`` bool),
+    padded rows included; none of the windows that only even out ranks."""
+    return real.to(torch.bool)[:, None].expand(-1, n_rows)
+
+
 @torch.no_grad()
-def eval_batch(model: nn.Module, batch: Batch, acc: PearsonAccumulator, precision: str = "fp32") -> torch.Tensor:
-    """Predict one batch in eval mode, add it to ``acc``; returns the masked sum of squared errors."""
+def eval_batch(
+    model: nn.Module,
+    batch: Batch,
+    acc: PearsonAccumulator,
+    precision: str = "fp32",
+    pooled: PearsonAccumulator | None = None,
+    real: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Predict one batch in eval mode, add it to ``acc``; returns the masked sum of squared errors.
+
+    ``pooled`` (one group) also receives every row of the windows flagged by ``real`` ``(B,)`` bool
+    (all windows when None), padded rows included, for the pooled r.
+    """
     model.eval()
     with autocast_context(batch.fmri.device, precision):
         pred = model(batch.features, batch.subject_id)  # (B, T, P)
-    acc.update(pred.float(), batch.fmri, batch.mask, batch.subject_id)
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # half precision -> float32
+    acc.update(pred, batch.fmri, batch.mask, batch.subject_id)
+    if pooled is not None:
+        B, T = batch.mask.shape
+        real = torch.ones(B, dtype=torch.bool, device=batch.mask.device) if real is None else real
+        group = torch.zeros(B, dtype=torch.long, device=batch.subject_id.device)
+        pooled.update(pred, batch.fmri, pooled_rows(real.to(batch.mask.device), T), group)
     return masked_sse(pred, batch.fmri, batch.mask)
