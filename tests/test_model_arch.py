@@ -108,7 +108,7 @@ def test_drop_zeroes_a_modality():
 
 
 def test_modality_dropout_keeps_one_and_is_off_in_eval():
-    model = tiny_model(TINY.model_copy(update={"modality_dropout": 0.9}))
+    model = tiny_model(TINY.model_copy(update={"modality_dropout": 0.9, "modality_dropout_per": "sample"}))
     feats, sid = inputs(B=64)
     torch.manual_seed(0)
     masks = torch.stack([model._keep_mask(list(MODALITIES), 64, torch.device("cpu")) for _ in range(20)])

@@ -217,7 +217,7 @@ class ModelConfig(Section):
     hidden_dim: int = Field(3072, ge=3, description="Fused width (projection per modality = hidden_dim // n_mod).")
     modality_dropout: float = Field(0.3, ge=0, lt=1, description="Probability of zeroing a whole modality.")
     modality_dropout_per: Literal["sample", "batch"] = Field(
-        "sample",
+        "batch",
         description="How modality dropout is drawn in training: 'sample' for each window independently; 'batch' "
         "once per batch (on each rank), zeroing the same modalities in every window (reference). At least one "
         "modality is always kept.",
@@ -229,10 +229,10 @@ class ModelConfig(Section):
     ff_dropout: float = Field(0.0, ge=0, lt=1, description="Feed-forward dropout of the brain encoder.")
     max_time_len: int = Field(1024, ge=1, description="Rows of the learned time position table.")
     time_init_std: float = Field(
-        0.02, gt=0, description="Std of the time position table initialisation (reference: 1.0, a standard normal)."
+        1.0, gt=0, description="Std of the time position table initialisation (reference: 1.0, a standard normal)."
     )
     head_init: Literal["uniform", "normal"] = Field(
-        "uniform",
+        "normal",
         description="Subject head initialisation, D = fused width: 'uniform' weights U(-D^-1/2, D^-1/2) and bias 0; "
         "'normal' weights and bias N(0, std D^-1/2) (reference).",
     )
@@ -296,13 +296,13 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
     seed: int = Field(33, description="Seed of initialisation, shuffling and dropout.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto",
+        "fp16",
         description="Autocast of training and validation: auto = bf16 on GPU, none (fp32) on CPU; bf16; fp16 with "
         "dynamic loss scaling (torch.amp.GradScaler, also under FSDP2; the reference's '16-mixed'); "
         "fp32 = no autocast.",
     )
     selection_metric: Literal["per_subject", "pooled"] = Field(
-        "per_subject",
+        "pooled",
         description="Validation score that picks the best epoch, reported as val_r (both are logged every epoch, "
         "as val_r_per_subject and val_r_pooled): per_subject = mean over subjects of the mean over parcels of r "
         "over real fMRI rows; pooled = r per parcel over every row of every validation window of all subjects, "
