@@ -1,7 +1,9 @@
 """Backbone features of the stimuli.
 
-- ``backbone``: the Backbone interface and the name registry (``tiny``, ``qwen3-omni``)
-- ``tiny`` / ``qwen3_omni``: the two loaders
+- ``backbone``: the Backbone interface and the name registry (every published backbone of the
+  paper's ablation and a tiny random variant per family)
+- ``families``: per-family thinker/processor classes and special-token strings (Qwen3-Omni, Qwen2.5-Omni)
+- ``tiny``: tiny random variants of the real architectures, built locally; ``pretrained``: checkpoints
 - ``inputs``: the reference's pass plan, frame counts, windows and read-out rules (pure functions)
 - ``readout``: prompts, the processor call, one (batched) forward and the per-modality read-outs
 - ``extract``: stimulus plans, work items (spans of passes), assembly, the in-process ``extract_all``

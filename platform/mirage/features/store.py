@@ -43,8 +43,11 @@ _PARAM_FIELDS = (
 
 def extraction_params(cfg: FeaturesConfig) -> dict[str, Any]:
     """Every setting that changes the stored numbers (the tiny backbone's sizes included)."""
+    from mirage.features.backbone import BACKBONES
+
     params: dict[str, Any] = {f: getattr(cfg, f) for f in _PARAM_FIELDS}
-    if cfg.backbone == "tiny":
+    entry = BACKBONES.get(cfg.backbone)
+    if entry is not None and entry.builds_locally:  # a tiny random variant: its sizes are its weights
         params["tiny"] = cfg.tiny.model_dump(mode="json")
     params["format"] = FORMAT_VERSION
     return params
