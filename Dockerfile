@@ -1,5 +1,5 @@
 # The MIRAGE platform on the Ray 2.60 GPU image: one image for Ray head/workers, the RayJob
-# submitter, Serve and the MLflow server (PostgreSQL and S3 clients included).
+# submitter, Serve and the MLflow server (PostgreSQL and S3 clients and the basic-auth app included).
 FROM rayproject/ray:2.60.0-py311-gpu
 
 WORKDIR /home/ray/mirage
@@ -7,7 +7,7 @@ COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 platform ./platform
 COPY --chown=1000:100 configs ./configs
 COPY --chown=1000:100 jobs ./jobs
-RUN pip install --no-cache-dir -e . psycopg2-binary boto3
+RUN pip install --no-cache-dir -e . psycopg2-binary boto3 "mlflow[auth]"
 
 USER 1000:100
 ENV PYTHONUNBUFFERED=1

@@ -1,11 +1,14 @@
 """Offline validation of k8s/: render every overlay (kustomize semantics in Python) and check each
 object against its schema (KubeRay v1.7.0 CRDs for ray.io, Kubernetes OpenAPI for built-in kinds),
 then the promises the manifests make: non-root, no secret values, a head that runs no work,
-bounded autoscaling, MLflow Host checking, nothing exposed outside the cluster."""
+bounded autoscaling, MLflow Host checking, nothing exposed outside the cluster, and the hardening:
+Pod Security `restricted`, read-only root filesystems, default-deny egress with an allow-list,
+read-only data for Serve, images pinned to a commit or digest, MLflow behind basic auth."""
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 import shlex
 from pathlib import Path
@@ -23,7 +26,7 @@ OVERLAYS = ["base", "overlays/dev", "overlays/paper"]
 K8S_VERSION = "1.32"
 RAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
 CLUSTER_SCOPED = {"Namespace"}
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "patches"}
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "patches", "images"}
 
 
 # ------------------------------------------------------------------ kustomize
@@ -74,8 +77,40 @@ def _matches(obj: dict, target: dict) -> bool:
     )
 
 
+def _image_name(image: str) -> str:
+    """``registry/name:tag@digest`` -> ``registry/name`` (a registry port is not a tag)."""
+    name = image.split("@", 1)[0]
+    head, _, tail = name.rpartition("/")
+    return f"{head}/{tail.split(':', 1)[0]}" if head else tail.split(":", 1)[0]
+
+
+def _set_images(node, images: list[dict]) -> None:
+    """kustomize `images:`: rewrite the image of every container found under `containers` or
+    `initContainers`, at any depth (kustomize does the same for custom resources)."""
+    if isinstance(node, list):
+        for n in node:
+            _set_images(n, images)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("containers", "initContainers") and isinstance(value, list):
+            for c in value:
+                for img in images:
+                    if "image" in c and _image_name(c["image"]) == img["name"]:
+                        name = img.get("newName", img["name"])
+                        if "digest" in img:
+                            c["image"] = f"{name}@{img['digest']}"
+                        elif "newTag" in img:
+                            c["image"] = f"{name}:{img['newTag']}"
+                        else:
+                            c["image"] = name + c["image"][len(_image_name(c["image"])) :]
+        _set_images(value, images)
+
+
 def render(directory: Path) -> list[dict]:
-    """The objects `kubectl apply -k directory` creates (resources, namespace, JSON 6902 patches)."""
+    """The objects `kubectl apply -k directory` creates (resources, namespace, JSON 6902 patches,
+    image overrides)."""
     kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unknown = set(kust) - KUSTOMIZATION_KEYS
     assert not unknown, f"{directory}: kustomization keys {unknown} are not rendered by this test"
@@ -92,6 +127,7 @@ def render(directory: Path) -> list[dict]:
         hits = [i for i, o in enumerate(objs) if _matches(o, patch["target"])]
         assert len(hits) == 1, f"{directory}: patch target {patch['target']} matched {len(hits)} objects"
         objs[hits[0]] = _json_patch(objs[hits[0]], ops, str(directory / patch["path"]))
+    _set_images(objs, kust.get("images", []))
     if "namespace" in kust:
         for o in objs:
             if o["kind"] not in CLUSTER_SCOPED:
@@ -257,7 +293,7 @@ def test_no_secret_values_in_manifests(rendered):
                     secret_refs.add(node["valueFrom"]["secretKeyRef"]["name"])
             if isinstance(node, str):
                 assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", node), f"{name}: {path} embeds credentials"
-    assert {"mlflow-backend", "mlflow-s3", "mirage"} <= secret_refs
+    assert {"mlflow-backend", "mlflow-s3", "mlflow-auth", "mlflow-client", "mirage"} <= secret_refs
 
 
 def test_head_runs_no_work_and_autoscaling_is_bounded(rendered):
@@ -429,3 +465,362 @@ def test_readme_documents_the_kubernetes_commands():
     assert "-- python jobs/sweep.py --config configs/paper.yaml" in sec
     for secret in ("mlflow-backend", "mlflow-s3"):
         assert f"create secret generic {secret}" in sec
+
+
+# ------------------------------------------------------------------- hardening
+
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
+}
+PINNED_IMAGE = re.compile(r".+(@sha256:[0-9a-f]{64}|:[0-9a-f]{7,40})")
+SHARED_CLAIM = "mirage-shared"
+
+
+def _containers(obj: dict) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, container) for every container a pod of ``obj`` runs, the KubeRay
+    autoscaler sidecar of each head included (its settings come from ``autoscalerOptions``)."""
+    out = []
+    for where, pod in _pod_specs(obj):
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            out.append((f"{obj['kind']}/{obj['metadata']['name']} {where}/{c['name']}", pod, c))
+    for cname, cluster in _clusters([obj]):
+        if cluster.get("enableInTreeAutoscaling"):
+            opts = cluster["autoscalerOptions"]
+            head = cluster["headGroupSpec"]["template"]["spec"]
+            sidecar = {"name": "autoscaler", **{k: opts[k] for k in ("securityContext", "volumeMounts") if k in opts}}
+            # KubeRay mounts the head's Ray log volume at /tmp/ray in the autoscaler.
+            sidecar["volumeMounts"] = sidecar.get("volumeMounts", []) + [{"name": "ray-logs", "mountPath": "/tmp/ray"}]
+            out.append((f"{obj['kind']}/{cname} head/autoscaler", head, sidecar))
+    return out
+
+
+def restricted_violations(pod: dict, c: dict) -> list[str]:
+    """What the Kubernetes Pod Security Standard `restricted` (v1.32) forbids in ``c`` of ``pod``."""
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    bad = []
+    if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+        bad.append("host namespaces")
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            bad.append(f"volume {v['name']} of type {kinds}")
+    if csc.get("privileged"):
+        bad.append("privileged")
+    if any(p.get("hostPort") for p in c.get("ports", [])):
+        bad.append("hostPort")
+    if csc.get("allowPrivilegeEscalation") is not False:
+        bad.append("allowPrivilegeEscalation is not false")
+    caps = csc.get("capabilities", {})
+    if "ALL" not in caps.get("drop", []):
+        bad.append("capabilities do not drop ALL")
+    if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+        bad.append(f"capabilities add {caps['add']}")
+    if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+        bad.append("runAsNonRoot is not true")
+    if csc.get("runAsUser", psc.get("runAsUser")) == 0:
+        bad.append("runAsUser 0")
+    seccomp = csc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        bad.append(f"seccompProfile {seccomp}")
+    return bad
+
+
+def test_namespace_enforces_restricted_pod_security(rendered):
+    name, objs = rendered
+    (ns,) = [o for o in objs if o["kind"] == "Namespace"]
+    labels = ns["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels.get(f"pod-security.kubernetes.io/{mode}") == "restricted", f"{name}: {mode}"
+
+
+def test_every_container_meets_the_restricted_standard(rendered):
+    name, objs = rendered
+    checked = 0
+    for obj in objs:
+        for where, pod, c in _containers(obj):
+            assert not restricted_violations(pod, c), f"{name}: {where}: {restricted_violations(pod, c)}"
+            checked += 1
+    assert checked == 10  # 8 pod templates + 2 autoscaler sidecars
+
+
+def test_restricted_check_rejects_what_baseline_allows():
+    obj = next(o for o in render(K8S / "base") if o["kind"] == "RayCluster")
+    _, pod, c = _containers(obj)[0]
+    for mutate in (
+        lambda p, c: p["securityContext"].pop("seccompProfile"),
+        lambda p, c: c["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda p, c: c["securityContext"]["capabilities"].update(add=["SYS_PTRACE"]),
+        lambda p, c: p["securityContext"].pop("runAsNonRoot"),
+        lambda p, c: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+    ):
+        p2, c2 = copy.deepcopy(pod), copy.deepcopy(c)
+        mutate(p2, c2)
+        assert restricted_violations(p2, c2)
+
+
+def _writable_dirs(pod: dict, c: dict) -> list[str]:
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    out = []
+    for m in c.get("volumeMounts", []):
+        v = volumes.get(m["name"], {"emptyDir": {}} if m["name"] == "ray-logs" else {})
+        pvc_ro = v.get("persistentVolumeClaim", {}).get("readOnly", False)
+        if ("emptyDir" in v or "persistentVolumeClaim" in v) and not m.get("readOnly") and not pvc_ro:
+            out.append(m["mountPath"].rstrip("/"))
+    return out
+
+
+def _under(path: str, dirs: list[str]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in dirs)
+
+
+WRITE_ENV = (
+    "HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HF_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH",
+)
+
+
+def test_root_filesystems_are_read_only_with_writable_scratch(rendered):
+    """Each process can write where it must: /tmp for everyone, Ray's session dir /tmp/ray and
+    ~/.cache (pip, torch, Triton) for Ray processes, the dirs its environment names."""
+    name, objs = rendered
+    for obj in objs:
+        for where, pod, c in _containers(obj):
+            label = f"{name}: {where}"
+            assert c.get("securityContext", {}).get("readOnlyRootFilesystem") is True, label
+            dirs = _writable_dirs(pod, c)
+            needs = ["/tmp"]
+            if obj["kind"] in RAY_KINDS and not where.endswith("ray-job-submitter"):
+                needs += ["/tmp/ray"] + ([] if where.endswith("autoscaler") else ["/home/ray/.cache"])
+            if where.endswith("ray-job-submitter"):
+                needs += ["/home/ray/.cache"]
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            needs += [env[k] for k in WRITE_ENV if env.get(k)]
+            for path in needs:
+                assert _under(path, dirs), f"{label}: {path} is not on a writable volume ({dirs})"
+
+
+def test_ray_session_dir_is_the_volume_kuberay_shares_with_the_autoscaler(rendered):
+    """KubeRay mounts the volume named `ray-logs` into the autoscaler; the head must define it."""
+    name, objs = rendered
+    for cname, cluster in _clusters(objs):
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+        assert mounts.get("/tmp/ray") == "ray-logs", f"{name}: {cname}"
+        assert any(v["name"] == "ray-logs" and "emptyDir" in v for v in head["volumes"]), f"{name}: {cname}"
+
+
+def test_serve_pods_mount_the_shared_volume_read_only(rendered):
+    name, objs = rendered
+    for obj in objs:
+        if obj["kind"] not in ("RayService", "RayCluster"):
+            continue
+        for where, pod in _pod_specs(obj):
+            claims = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == SHARED_CLAIM}
+            assert claims, f"{name}: {where} does not mount {SHARED_CLAIM}"
+            vols = {v["name"]: v for v in pod["volumes"]}
+            for c in pod["containers"]:
+                for m in c["volumeMounts"]:
+                    if m["name"] in claims:
+                        ro = m.get("readOnly", False) and vols[m["name"]]["persistentVolumeClaim"].get("readOnly", False)
+                        # Serve only reads; extraction and training write features and checkpoints.
+                        assert ro == (obj["kind"] == "RayService"), f"{name}: {obj['kind']} {where}/{c['name']}"
+
+
+# Egress evaluation: NetworkPolicy semantics for matchLabels selectors, pod and ipBlock peers.
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert "matchExpressions" not in selector, "matchExpressions are not evaluated by this test"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_matches(peer: dict, dest: dict, policy_ns: str) -> bool:
+    if "ipBlock" in peer:
+        if "ip" not in dest:
+            return False
+        block = peer["ipBlock"]
+        ip = ipaddress.ip_address(dest["ip"])
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    if "ip" in dest:
+        return False
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], dest["ns_labels"]):
+            return False
+    elif dest["ns_labels"].get("kubernetes.io/metadata.name") != policy_ns:
+        return False
+    return _selects(peer.get("podSelector", {}), dest["labels"])
+
+
+def egress_allowed(objs: list[dict], src: dict, dest: dict, port: int, protocol: str = "TCP") -> bool:
+    policies = [
+        o for o in objs
+        if o["kind"] == "NetworkPolicy" and "Egress" in o["spec"].get("policyTypes", [])
+        and _selects(o["spec"]["podSelector"], src)
+    ]
+    if not policies:
+        return True
+    for p in policies:
+        for rule in p["spec"].get("egress", []):
+            ports = rule.get("ports")
+            if ports and not any(q.get("protocol", "TCP") == protocol and q.get("port") == port for q in ports):
+                continue
+            peers = rule.get("to")
+            if not peers or any(_peer_matches(peer, dest, p["metadata"]["namespace"]) for peer in peers):
+                return True
+    return False
+
+
+def _pod_labels(objs: list[dict]) -> dict[str, dict]:
+    """The labels of each pod the objects create (KubeRay adds its own to Ray pods)."""
+    out = {}
+    for obj in objs:
+        for where, pod in _pod_specs(obj):
+            if obj["kind"] == "Deployment":
+                labels = dict(obj["spec"]["template"]["metadata"]["labels"])
+            elif obj["kind"] == "RayJob":
+                labels = dict(obj["spec"]["submitterPodTemplate"]["metadata"]["labels"])
+            else:
+                cluster = obj["spec"]["rayClusterConfig"] if obj["kind"] == "RayService" else obj["spec"]
+                group = cluster["headGroupSpec"] if where == "head" else next(
+                    g for g in cluster["workerGroupSpecs"] if g["groupName"] == where
+                )
+                labels = dict(group["template"]["metadata"]["labels"])
+                labels.update({"ray.io/is-ray-node": "yes", "ray.io/node-type": "head" if where == "head" else "worker",
+                               "ray.io/cluster": obj["metadata"]["name"]})
+            out[f"{obj['kind']}/{obj['metadata']['name']}/{where}"] = labels
+    return out
+
+
+def _ip_rules(objs: list[dict], src: dict, port: int) -> list[str]:
+    """The CIDRs an egress rule for ``src`` admits on ``port``."""
+    return [
+        peer["ipBlock"]["cidr"]
+        for o in objs if o["kind"] == "NetworkPolicy" and _selects(o["spec"]["podSelector"], src)
+        for rule in o["spec"].get("egress", []) if any(q.get("port") == port for q in rule.get("ports", []))
+        for peer in rule.get("to", []) if "ipBlock" in peer
+    ]
+
+
+def test_egress_is_denied_by_default_and_allowed_by_list(rendered):
+    name, objs = rendered
+    ns = next(o for o in objs if o["kind"] == "Namespace")["metadata"]["name"]
+    pols = [o["spec"] for o in objs if o["kind"] == "NetworkPolicy"]
+    assert any(p["podSelector"] == {} and p["policyTypes"] == ["Egress"] and not p.get("egress") for p in pols), name
+    for p in pols:
+        for rule in p.get("egress", []):
+            assert rule.get("to"), f"{name}: an egress rule without `to` admits every destination"
+            for peer in rule["to"]:
+                if "ipBlock" in peer:
+                    assert rule.get("ports"), f"{name}: {peer} admitted on every port"
+                    assert ipaddress.ip_network(peer["ipBlock"]["cidr"]).prefixlen >= 16, f"{name}: {peer} too wide"
+    pods = _pod_labels(objs)
+    assert len(pods) == 8
+    here = {"kubernetes.io/metadata.name": ns}
+    dns = {"ns_labels": {"kubernetes.io/metadata.name": "kube-system"}, "labels": {"k8s-app": "kube-dns"}}
+    head = {"ns_labels": here, "labels": pods["RayCluster/mirage/head"]}
+    worker = {"ns_labels": here, "labels": pods["RayCluster/mirage/train"]}
+    mlflow = {"ns_labels": here, "labels": pods["Deployment/mlflow/template"]}
+    internet = {"ip": "1.1.1.1"}
+    for pod, labels in pods.items():
+        for proto in ("UDP", "TCP"):
+            assert egress_allowed(objs, labels, dns, 53, proto), f"{name}: {pod} cannot resolve names ({proto})"
+        assert not egress_allowed(objs, labels, internet, 443), f"{name}: {pod} reaches the internet"
+        assert not egress_allowed(objs, labels, {"ip": "8.8.8.8"}, 53, "UDP"), f"{name}: {pod} reaches outside DNS"
+        if labels.get("ray.io/is-ray-node") == "yes":
+            same = {"ns_labels": here, "labels": {**labels, "ray.io/node-type": "head"}}
+            assert egress_allowed(objs, labels, same, 6379), f"{name}: {pod} cannot reach its GCS"
+            assert egress_allowed(objs, labels, worker, 45123), f"{name}: {pod} cannot reach Ray workers"
+            assert egress_allowed(objs, labels, mlflow, 5000), f"{name}: {pod} cannot log to MLflow"
+            assert not egress_allowed(objs, labels, {"ns_labels": {"kubernetes.io/metadata.name": "other"},
+                                                     "labels": labels}, 6379), f"{name}: {pod} leaves the namespace"
+    submitter = pods["RayJob/mirage-paper-sweep/submitter"]
+    assert egress_allowed(objs, submitter, head, 8265) and not egress_allowed(objs, submitter, worker, 6379)
+    mlflow_labels = mlflow["labels"]
+    for port, what in ((5432, "PostgreSQL"), (443, "S3")):
+        cidrs = _ip_rules(objs, mlflow_labels, port)
+        assert cidrs, f"{name}: MLflow has no egress to {what} on {port}"
+        ip = str(ipaddress.ip_network(cidrs[0])[0])
+        assert egress_allowed(objs, mlflow_labels, {"ip": ip}, port), what
+        assert not egress_allowed(objs, mlflow_labels, {"ip": ip}, 22), f"{name}: {what} reachable on port 22"
+        assert not egress_allowed(objs, worker["labels"], {"ip": ip}, port), f"{name}: workers reach {what}"
+    assert _ip_rules(objs, head["labels"], 443) or _ip_rules(objs, head["labels"], 6443), (
+        f"{name}: the autoscaler cannot reach the Kubernetes API"
+    )
+
+
+def test_extraction_loads_weights_from_the_shared_cache_offline(rendered):
+    """With egress closed the Hub is unreachable: extraction reads the cache on the shared volume
+    and fails at once when weights are missing instead of retrying connections."""
+    name, objs = rendered
+    cluster = next(o for o in objs if o["kind"] == "RayCluster")["spec"]
+    pod = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "extract")["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env.get("HF_HUB_OFFLINE") == "1", name
+    assert _under(env["HF_HOME"], _writable_dirs(pod, pod["containers"][0])) and env["HF_HOME"].startswith("/mnt/mirage/")
+    assert load_config("paper").features.local_files_only is True
+
+
+def test_images_are_pinned_to_a_commit_or_digest(rendered):
+    name, objs = rendered
+    images = set()
+    for obj in objs:
+        for where, _, c in _containers(obj):
+            if "image" not in c:  # the autoscaler runs the head's image
+                continue
+            assert PINNED_IMAGE.fullmatch(c["image"]), f"{name}: {where} runs {c['image']}, a tag that can move"
+            assert c.get("imagePullPolicy") in ("IfNotPresent", "Always"), where
+            images.add(c["image"])
+    assert len(images) == 1, f"{name}: every component should run the same build, got {images}"
+
+
+def test_readme_rebuilds_under_a_new_tag():
+    sec = _readme_section("Run on Kubernetes")
+    assert "git rev-parse" in sec and "kustomize edit set image mirage-platform=" in sec
+    assert not re.search(r"mirage-platform:\d+\.\d+\.\d+", sec), "a version tag is reused across rebuilds"
+
+
+def _mlflow_container(objs: list[dict]) -> tuple[dict, dict]:
+    deploy = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
+    pod = deploy["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def test_mlflow_requires_authentication(rendered):
+    from importlib.metadata import entry_points
+
+    name, objs = rendered
+    pod, c = _mlflow_container(objs)
+    assert "--app-name=basic-auth" in c["args"], f"{name}: MLflow serves without authentication"
+    assert "basic-auth" in {e.name for e in entry_points(group="mlflow.app")}
+    env = {e["name"]: e for e in c["env"]}
+    for var in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth", var
+    config = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    mount = next(m for m in c["volumeMounts"] if config.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "mlflow-auth" and mount.get("readOnly") is True
+    clients = 0
+    for obj in objs:
+        for where, _, cont in _containers(obj):
+            cenv = {e["name"]: e for e in cont.get("env", [])}
+            if "MLFLOW_TRACKING_URI" in cenv:
+                clients += 1
+                for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    assert cenv[var]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-client", f"{name}: {where} {var}"
+    assert clients == 6  # every Ray node: RayCluster head + 3 groups, RayService head + 1 group
+
+
+def test_mlflow_probes_pass_without_credentials():
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF), installed in the image")
+    from mlflow.server.auth import is_unprotected_route
+
+    _, c = _mlflow_container(render(K8S / "base"))
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert is_unprotected_route(c[probe]["httpGet"]["path"]), f"{probe} would get 401"
+    assert not is_unprotected_route("/api/2.0/mlflow/experiments/search")
+
+
+def test_image_has_the_mlflow_auth_extra():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^RUN pip install .*mlflow\[auth\]", text, re.M), "the basic-auth app needs mlflow[auth]"
