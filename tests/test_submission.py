@@ -233,3 +233,51 @@ def test_val_predictions_file_round_trip(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"junk")
     with pytest.raises(DataError):
         read_predictions(tmp_path / "bad.npz")
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled by a plain ``np.load``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_crafted_pickle_is_refused_without_running_code(tmp_path):
+    import io
+    import zipfile
+
+    from mirage.errors import DataError
+    from mirage.submission import read_submission
+
+    marker = tmp_path / "ran"
+    payload = np.empty((), dtype=object)
+    payload[()] = {"sub-01": {"s07e01a": _RunsCode(marker)}}
+    buf = io.BytesIO()
+    np.save(buf, payload, allow_pickle=True)
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("fmri_predictions_friends_s7.npy", buf.getvalue())
+    with pytest.raises(DataError, match="refusing to load"):
+        read_submission(evil)
+    assert not marker.exists()
+    # the same bytes through a plain unpickling load do run it: the payload is a real one
+    np.load(io.BytesIO(buf.getvalue()), allow_pickle=True)
+    assert marker.exists()
+
+
+def test_an_oversized_submission_is_refused_before_reading(tmp_path):
+    import zipfile
+
+    from mirage.errors import DataError
+    from mirage.submission import read_submission
+
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("fmri_predictions_ood.npy", b"\0" * (1 << 20))  # 1 MiB of zeros, ~1 KB compressed
+    with pytest.raises(DataError, match="bytes uncompressed, expected at most 65536"):
+        read_submission(big, max_bytes=1 << 16)

@@ -147,34 +147,39 @@ def write_submission(
 # -------------------------------------------------------------------- reading
 
 
-def read_submission(path: str | os.PathLike) -> tuple[str, Predictions]:
+def read_submission(path: str | os.PathLike, max_bytes: int = 4 << 30) -> tuple[str, Predictions]:
     """Read a submission zip the way the grader does: ``(split, {subject: {chunk: array}})``.
 
-    The zip must hold exactly one file, a ``.npy`` of any name. The split comes from the
-    official names when used, else from the chunk keys (``s07e..`` keys: ``friends-s7``,
-    anything else: ``ood``).
+    The zip must hold exactly one file, a ``.npy`` of any name, of at most ``max_bytes``
+    uncompressed (a full S7 or OOD submission is a few hundred MB). The pickle inside is read
+    with an allow-list (dicts, numpy arrays and scalars only): a crafted file cannot run code.
+    The split comes from the official names when used, else from the chunk keys (``s07e..``
+    keys: ``friends-s7``, anything else: ``ood``).
 
     Raises:
-        DataError: not a zip, not exactly one ``.npy``, not a dict of dicts of arrays.
+        DataError: not a zip, not exactly one ``.npy``, too large, a refused pickle, not a dict
+            of dicts of arrays.
     """
+    from mirage.data.layout import read_pickled_dict
+
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if not n.endswith("/")]
-            npys = [n for n in names if n.endswith(".npy")]
-            if len(npys) != 1 or len(names) != 1:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+            names = [i.filename for i in infos]
+            if len(infos) != 1 or not names[0].endswith(".npy"):
                 raise DataError(f"{path}: expected exactly one file, a .npy (any name), found {names}")
-            raw = zf.read(npys[0])
+            if infos[0].file_size > max_bytes:
+                raise DataError(
+                    f"{path}: {names[0]} holds {infos[0].file_size} bytes uncompressed, expected at most {max_bytes}"
+                )
+            raw = zf.read(infos[0])
     except zipfile.BadZipFile as e:
         raise DataError(f"{path}: not a zip file ({e})") from None
-    try:
-        obj = np.load(io.BytesIO(raw), allow_pickle=True)
-    except (ValueError, OSError, pickle.UnpicklingError, EOFError) as e:
-        raise DataError(f"{path}: {npys[0]} is not a readable .npy ({e})") from None
-    data = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    data = read_pickled_dict(io.BytesIO(raw), f"{path}: {names[0]}")
+    if not all(isinstance(v, dict) for v in data.values()):
         raise DataError(f"{path}: expected a dict subject -> dict chunk -> array, got {type(data).__name__}")
-    split = {v: k for k, v in NPY_NAMES.items()}.get(Path(npys[0]).name)
+    split = {v: k for k, v in NPY_NAMES.items()}.get(Path(names[0]).name)
     if split is None:
         keys = {k for chunks in data.values() for k in chunks}
         split = "friends-s7" if keys and all(str(k).startswith("s07") for k in keys) else "ood"

@@ -24,6 +24,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -158,9 +159,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.dtypes", "Int64DType"),
+        ("numpy", "ndarray"), ("numpy", "array"), ("numpy", "dtype"), ("builtins", "bytearray"), ("numpy.dtypes", "Int64DType"),
         ("numpy.dtypes", "Int32DType"), ("numpy.dtypes", "ObjectDType"), ("numpy.dtypes", "Float32DType"),
-        ("numpy.dtypes", "Float64DType"), ("builtins", "dict"), ("collections", "OrderedDict"),
+        ("numpy.dtypes", "Float64DType"), ("numpy.dtypes", "Float16DType"), ("builtins", "dict"),
+        ("collections", "OrderedDict"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: D102
@@ -176,23 +178,35 @@ def load_pickled_dict(path: Path) -> dict:
     """
     try:
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            if dtype.hasobject:
-                obj = _NumpyOnlyUnpickler(f).load()
-            else:
-                raise DataError(f"{path}: expected a pickled dict (object array), got dtype {dtype}")
-    except DataError:
-        raise
+            return read_pickled_dict(f, str(path))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+
+
+def read_pickled_dict(f: BinaryIO, where: str) -> dict:
+    """Read a ``.npy`` 0-d object array holding a dict from the open binary file ``f``.
+
+    Only plain containers and numpy arrays/scalars are unpickled (an allow-list), so a crafted
+    file cannot run code. ``where`` names the file in errors.
+
+    Raises:
+        DataError: not an object ``.npy``, a refused or broken pickle, or not a dict.
+    """
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        if not dtype.hasobject:
+            raise DataError(f"{where}: expected a pickled dict (object array), got dtype {dtype}")
+        obj = _NumpyOnlyUnpickler(f).load()
+    except DataError:
+        raise
     except Exception as e:  # numpy header or pickle errors
-        raise DataError(f"{path}: not a readable .npy pickled dict ({e})") from None
+        raise DataError(f"{where}: not a readable .npy pickled dict ({e})") from None
     if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object:
         obj = obj.item()
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a dict, got {type(obj).__name__} (shape {shape})")
+        raise DataError(f"{where}: expected a dict, got {type(obj).__name__} (shape {shape})")
     return obj
 
 
