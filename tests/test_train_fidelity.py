@@ -144,30 +144,6 @@ def test_fp16_fsdp2_two_ranks_follow_one_process(train_cfg, feature_store, tmp_p
     assert [h["loss_scale"] for h in sharded["history"]] == [h["loss_scale"] for h in single["history"]]
 
 
-def test_fp16_per_batch_run_resumes_to_the_same_loss_curve(train_cfg, feature_store, tmp_path):
-    """The loss scale and the per-batch dropout draws survive a restart."""
-    from mirage.train.loop import LocalSession, fit
-
-    cfg = train_cfg.with_overrides({"train.epochs": 3, "train.precision": "fp16",
-                                    "model.modality_dropout_per": "batch"})
-    straight = fit(cfg, LocalSession(tmp_path / "straight"), store=feature_store)
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash_in_epoch_1(metrics):
-        if metrics["epoch"] == 1:
-            raise Crash("killed")
-
-    with pytest.raises(Crash):
-        fit(cfg, LocalSession(tmp_path / "resumed"), store=feature_store, on_epoch=crash_in_epoch_1)
-    resumed = fit(cfg, LocalSession(tmp_path / "resumed"), store=feature_store)
-    assert [h["start_epoch"] for h in resumed["history"]] == [0, 1, 1]
-    for key in ("train_loss", "loss_scale", "val_r"):
-        np.testing.assert_allclose([h[key] for h in resumed["history"]], [h[key] for h in straight["history"]],
-                                   rtol=1e-5, err_msg=key)
-
-
 # ----------------------------------------------------------------- selection scores
 
 

@@ -79,8 +79,12 @@ def test_short_run_learns_planted_signal(train_cfg, feature_store, shuffled_root
     assert abs(scores["shuffled"]) < 0.08, scores
 
 
-def test_interrupted_run_resumes_to_the_same_loss_curve(train_cfg, feature_store, tmp_path):
-    cfg = train_cfg.with_overrides({"train.epochs": 3})
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"train.precision": "fp16", "model.modality_dropout_per": "batch"},  # loss scale and dropout draws resume
+], ids=["fp32", "fp16-per-batch"])
+def test_interrupted_run_resumes_to_the_same_loss_curve(train_cfg, feature_store, tmp_path, overrides):
+    cfg = train_cfg.with_overrides({"train.epochs": 3, **overrides})
     straight = fit(cfg, LocalSession(tmp_path / "straight"), store=feature_store)
 
     class Crash(RuntimeError):
@@ -103,6 +107,8 @@ def test_interrupted_run_resumes_to_the_same_loss_curve(train_cfg, feature_store
     np.testing.assert_allclose(
         [h["val_r"] for h in resumed["history"]], [h["val_r"] for h in straight["history"]], rtol=1e-4, atol=1e-6
     )
+    if "loss_scale" in straight["history"][0]:
+        assert [h["loss_scale"] for h in resumed["history"]] == [h["loss_scale"] for h in straight["history"]]
 
 
 def test_best_checkpoint_exports_a_loadable_model(train_cfg, feature_store, tmp_path):

@@ -92,6 +92,8 @@ def predict_video(
     from mirage.features.store import store_key
     from mirage.predictor import Predictor
 
+    with MediaReader(video) as media:  # a missing or unreadable movie fails before the model loads
+        duration = float(media.printed_duration)  # the duration the reference trims its predictions to
     predictor = Predictor.from_uri(model, tracking_uri=tracking_uri or cfg.tracking.uri)
     predictor.subject_index(subject)
     key = store_key(cfg.features)
@@ -100,8 +102,6 @@ def predict_video(
             f"{model}: trained on features {predictor.feature_key}, but the config extracts {key}; "
             "run with the --config/--set the model was trained with"
         )
-    with MediaReader(video) as media:
-        duration = float(media.duration)
     if features is None:
         features = extract_video(cfg, Path(video), Path(transcript) if transcript else None)
     stacked = stack_modalities(features)
@@ -114,27 +114,20 @@ def predict_video(
 def save_video_prediction(pred: VideoPrediction, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``out`` (.npy, (n_trs, n_parcels) float32) and ``<stem>.features.safetensors`` beside it.
 
-    Both files appear whole or not at all (written under temporary names, then renamed).
+    Each file appears whole or not at all (written under a temporary name, then renamed).
     """
-    from safetensors.numpy import save_file
+    from mirage.features.one import save_features
 
     out = Path(out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    feats = out.with_name(out.stem + ".features.safetensors")
-    tmp_npy = out.with_name(f".{out.name}.tmp.npy")
-    tmp_feats = feats.with_name(f".{feats.name}.tmp")
+    feats = save_features(pred.features, out.with_name(out.stem + ".features.safetensors"),
+                          metadata={"subject": pred.subject, "duration_s": repr(pred.duration_s)})
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
     try:
-        np.save(tmp_npy, pred.fmri.astype(np.float32, copy=False))
-        save_file(
-            {m: np.ascontiguousarray(v, dtype=np.float32) for m, v in pred.features.items()},
-            str(tmp_feats),
-            metadata={"subject": pred.subject, "duration_s": repr(pred.duration_s)},
-        )
-        os.replace(tmp_feats, feats)
-        os.replace(tmp_npy, out)
+        np.save(tmp, pred.fmri.astype(np.float32, copy=False))
+        os.replace(tmp, out)
     finally:
-        for t in (tmp_npy, tmp_feats):
-            t.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return out, feats

@@ -26,10 +26,6 @@ def predict_video_cmd(cfg: Config, a: argparse.Namespace) -> int:
     from mirage.video import predict_video, save_video_prediction
 
     video = Path(a.video)
-    if not video.is_file():
-        raise DataError(f"{video}: movie file not found")
-    if a.transcript is not None and not Path(a.transcript).is_file():
-        raise DataError(f"--transcript {a.transcript}: file not found")
     if a.n_trs is not None and a.n_trs < 1:
         raise DataError(f"--n-trs: expected an integer >= 1, got {a.n_trs}")
     pred = predict_video(cfg, video, a.model, a.subject, a.transcript, n_trs=a.n_trs)

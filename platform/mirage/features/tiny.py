@@ -80,6 +80,42 @@ def _check_vocab(t: TinyBackboneConfig, tokenizer) -> None:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than features.tiny.vocab_size={t.vocab_size}")
 
 
+def _text_config(t: TinyBackboneConfig, rope: dict, **extra) -> dict:
+    """Text decoder sizes common to both families (``extra``: family-specific keys)."""
+    return dict(
+        vocab_size=t.vocab_size, hidden_size=t.hidden, intermediate_size=t.hidden * t.ffn_mult,
+        num_hidden_layers=t.n_layers, num_attention_heads=t.heads, num_key_value_heads=t.kv_heads,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, **rope}, **extra,
+    )
+
+
+def _vision_config(t: TinyBackboneConfig, **extra) -> dict:
+    """Vision encoder sizes common to both families (spatial merge 2, temporal patch 2)."""
+    return dict(
+        depth=t.vision_depth, hidden_size=t.vision_hidden, intermediate_size=t.vision_hidden * t.ffn_mult,
+        num_heads=t.encoder_heads, patch_size=t.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+        out_hidden_size=t.hidden, **extra,
+    )
+
+
+def _audio_config(t: TinyBackboneConfig, **extra) -> dict:
+    """Audio encoder sizes common to both families."""
+    return dict(
+        num_mel_bins=t.mel_bins, encoder_layers=t.audio_layers, encoder_attention_heads=t.encoder_heads,
+        encoder_ffn_dim=t.audio_hidden * t.ffn_mult, d_model=t.audio_hidden, output_dim=t.hidden, **extra,
+    )
+
+
+def _special_ids(ids: dict[str, int], placeholder: str) -> dict[str, int]:
+    """Config keys of the special ids; ``placeholder`` names the pad ids (``*_token_id`` or ``*_token_index``)."""
+    return {
+        f"audio_{placeholder}": ids["audio_token"], f"image_{placeholder}": ids["image_token"],
+        f"video_{placeholder}": ids["video_token"],
+        "audio_start_token_id": ids["audio_bos_token"], "audio_end_token_id": ids["audio_eos_token"],
+        "vision_start_token_id": ids["vision_bos_token"], "vision_end_token_id": ids["vision_eos_token"],
+    }
+
+
 def thinker_config(t: TinyBackboneConfig, tokenizer):
     """A tiny ``Qwen3OmniMoeThinkerConfig`` whose special token ids are those of ``tokenizer``."""
     from transformers import Qwen3OmniMoeThinkerConfig
@@ -90,47 +126,15 @@ def thinker_config(t: TinyBackboneConfig, tokenizer):
     quarter = head_dim // 2 // 4  # rotary pairs split over (time, height, width) as 2:1:1
     mrope = [head_dim // 2 - 2 * quarter, quarter, quarter]
     return Qwen3OmniMoeThinkerConfig(
-        text_config=dict(
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden,
-            intermediate_size=t.hidden * t.ffn_mult,
-            moe_intermediate_size=t.hidden * t.ffn_mult // 2,
-            num_hidden_layers=t.n_layers,
-            num_attention_heads=t.heads,
-            num_key_value_heads=t.kv_heads,
-            head_dim=head_dim,
-            num_experts=t.experts,
-            num_experts_per_tok=t.experts_per_token,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope, "interleaved": True},
+        text_config=_text_config(
+            t, {"mrope_section": mrope, "interleaved": True}, moe_intermediate_size=t.hidden * t.ffn_mult // 2,
+            head_dim=head_dim, num_experts=t.experts, num_experts_per_tok=t.experts_per_token,
         ),
-        vision_config=dict(
-            depth=t.vision_depth,
-            hidden_size=t.vision_hidden,
-            intermediate_size=t.vision_hidden * t.ffn_mult,
-            num_heads=t.encoder_heads,
-            patch_size=t.patch_size,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=t.hidden,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=list(range(min(t.vision_depth, t.n_layers))),
+        vision_config=_vision_config(
+            t, num_position_embeddings=64, deepstack_visual_indexes=list(range(min(t.vision_depth, t.n_layers)))
         ),
-        audio_config=dict(
-            num_mel_bins=t.mel_bins,
-            encoder_layers=t.audio_layers,
-            encoder_attention_heads=t.encoder_heads,
-            encoder_ffn_dim=t.audio_hidden * t.ffn_mult,
-            d_model=t.audio_hidden,
-            output_dim=t.hidden,
-            downsample_hidden_size=t.audio_hidden // 2,
-        ),
-        audio_token_id=ids["audio_token"],
-        image_token_id=ids["image_token"],
-        video_token_id=ids["video_token"],
-        audio_start_token_id=ids["audio_bos_token"],
-        audio_end_token_id=ids["audio_eos_token"],
-        vision_start_token_id=ids["vision_bos_token"],
-        vision_end_token_id=ids["vision_eos_token"],
+        audio_config=_audio_config(t, downsample_hidden_size=t.audio_hidden // 2),
+        **_special_ids(ids, "token_id"),
     )
 
 
@@ -151,42 +155,10 @@ def thinker_config_qwen2_5(t: TinyBackboneConfig, tokenizer):
     spatial = pairs * 3 // 8
     mrope = [pairs - 2 * spatial, spatial, spatial]
     return Qwen2_5OmniThinkerConfig(
-        text_config=dict(
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden,
-            intermediate_size=t.hidden * t.ffn_mult,
-            num_hidden_layers=t.n_layers,
-            num_attention_heads=t.heads,
-            num_key_value_heads=t.kv_heads,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-        ),
-        vision_config=dict(
-            depth=t.vision_depth,
-            hidden_size=t.vision_hidden,
-            intermediate_size=t.vision_hidden * t.ffn_mult,
-            num_heads=t.encoder_heads,
-            patch_size=t.patch_size,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=8 * t.patch_size,
-            out_hidden_size=t.hidden,
-            fullatt_block_indexes=[t.vision_depth - 1],
-        ),
-        audio_config=dict(
-            num_mel_bins=t.mel_bins,
-            encoder_layers=t.audio_layers,
-            encoder_attention_heads=t.encoder_heads,
-            encoder_ffn_dim=t.audio_hidden * t.ffn_mult,
-            d_model=t.audio_hidden,
-            output_dim=t.hidden,
-        ),
-        audio_token_index=ids["audio_token"],
-        image_token_index=ids["image_token"],
-        video_token_index=ids["video_token"],
-        audio_start_token_id=ids["audio_bos_token"],
-        audio_end_token_id=ids["audio_eos_token"],
-        vision_start_token_id=ids["vision_bos_token"],
-        vision_end_token_id=ids["vision_eos_token"],
+        text_config=_text_config(t, {"mrope_section": mrope}),
+        vision_config=_vision_config(t, window_size=8 * t.patch_size, fullatt_block_indexes=[t.vision_depth - 1]),
+        audio_config=_audio_config(t),
+        **_special_ids(ids, "token_index"),
     )
 
 
