@@ -5,7 +5,6 @@ FROM rayproject/ray:2.60.0-py311-gpu
 WORKDIR /home/ray/mirage
 COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 platform ./platform
-COPY --chown=1000:100 configs ./configs
 COPY --chown=1000:100 jobs ./jobs
 RUN pip install --no-cache-dir -e . psycopg2-binary boto3 "mlflow[auth]"
 

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) jobs/sweep.py --config configs/demo.yaml
+	$(PY) jobs/sweep.py --config demo
 
 test: install
 	$(PY) -m pytest -v --durations=25

@@ -1,7 +1,7 @@
 """The main job: dataset and features, Tune sweep, ensemble, registry.
 
-``python jobs/sweep.py --config configs/demo.yaml`` (what ``make demo`` runs), or on a cluster
-``ray job submit ... -- python jobs/sweep.py --config configs/paper.yaml --set data.root=...``.
+``python jobs/sweep.py --config demo`` (what ``make demo`` runs), or on a cluster
+``ray job submit ... -- python jobs/sweep.py --config paper --set data.root=...``.
 """
 
 import sys

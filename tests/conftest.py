@@ -9,7 +9,6 @@ import pytest
 
 from mirage.config import Config, load_config, resolve_paths
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # A dataset small enough to write, extract and train on in seconds on 2 cores.
 TEST_OVERRIDES = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import BaseModel
 
@@ -99,3 +101,76 @@ def test_cli_config_error_is_one_line(tmp_path, capsys):
     assert main(["data", "synth", str(tmp_path / "x"), "--set", "data.synth.fps=zero"]) == 1
     assert "data.synth.fps" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------ --set by field type
+
+
+def test_set_keeps_a_string_field_a_string():
+    cfg = load_config("demo", ["features.revision=20240101", "sweep.name=007", "tracking.experiment=true"])
+    assert cfg.features.revision == "20240101" and cfg.sweep.name == "007" and cfg.tracking.experiment == "true"
+
+
+def test_set_converts_numbers_booleans_and_optionals_by_field_type():
+    cfg = load_config("demo", [
+        "data.tr=2", "train.lr=1e-4", "data.zscore=no", "train.use_gpu=True",
+        "features.video_min_pixels=4096", "features.video_max_pixels=null",
+    ])
+    assert cfg.data.tr == 2.0 and isinstance(cfg.data.tr, float) and cfg.train.lr == 1e-4
+    assert cfg.data.zscore is False and cfg.train.use_gpu is True
+    assert cfg.features.video_min_pixels == 4096 and cfg.features.video_max_pixels is None
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.epochs=3.5", "invalid value '3.5', in override train.epochs; expected an integer"),
+        ("data.tr=fast", "invalid value 'fast', in override data.tr; expected a number"),
+        ("data.zscore=maybe", "invalid value 'maybe', in override data.zscore; expected a boolean"),
+        ("features.dtype=bfloat", "expected one of ['bfloat16', 'float16', 'float32']; did you mean 'bfloat16'?"),
+    ],
+)
+def test_set_rejects_a_value_naming_key_value_and_type(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert message in str(e.value)
+
+
+# ----------------------------------------------------------------- did you mean
+
+
+@pytest.mark.parametrize(
+    "override,suggested",
+    [("train.epoch=3", "train.epochs"), ("trian.epochs=3", "train.epochs"), ("data.synth.sed=1", "data.synth.seed")],
+)
+def test_unknown_key_suggests_the_nearest_key(override, suggested):
+    with pytest.raises(ConfigError, match=rf"did you mean '{suggested}'\?"):
+        load_config("demo", [override])
+
+
+def test_unknown_key_in_a_file_names_the_file_and_the_nearest_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  strde_trs: 2\n")
+    with pytest.raises(ConfigError, match=rf"'data.strde_trs', in config file {p}; did you mean 'data.stride_trs'\?"):
+        load_config(str(p))
+
+
+def test_unknown_preset_suggests_the_nearest_preset():
+    with pytest.raises(ConfigError, match=r"unknown preset 'dmeo'.*did you mean 'demo'\?"):
+        load_config("dmeo")
+
+
+# ------------------------------------------------------------------ presets
+
+
+def test_presets_are_package_data():
+    from importlib.resources import files
+
+    from mirage.config import preset_names, preset_path
+
+    assert preset_names() == ["demo", "paper"]
+    shipped = files("mirage").joinpath("presets")
+    for name in preset_names():
+        assert preset_path(name).read_text() == shipped.joinpath(f"{name}.yaml").read_text()
+    root = Path(__file__).resolve().parents[1]
+    assert not list(root.glob("configs/*.yaml")), "presets live in platform/mirage/presets only"

@@ -174,3 +174,38 @@ def test_foreign_release_loads(foreign, cfg16):
     with MediaReader(st["figures01"].video) as m:
         assert m.audio(0, 1, rate=8000).shape == (8000,)
         assert m.frames_at([1.0]).shape == (1, 30, 40, 3)
+
+
+def test_presets_say_whether_their_data_is_synthetic():
+    assert load_config("demo").data.synthetic is True
+    assert load_config("paper").data.synthetic is False
+
+
+@pytest.mark.parametrize("preset, extra", [("paper", ["ray.address="]), ("demo", ["data.synthetic=false"])])
+def test_local_sweep_without_a_dataset_is_an_error_unless_the_data_is_synthetic(tmp_path, monkeypatch, preset, extra):
+    """A mistyped data.root is named, and nothing is written there (no synthetic data to train on)."""
+    from mirage.commands.sweep import ensure_inputs
+    from mirage.config import resolve_paths
+    from mirage.errors import DataError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    typo = tmp_path / "algonuats"
+    cfg = resolve_paths(load_config(preset, [f"outputs={tmp_path / 'out'}", f"data.root={typo}", *extra]))
+    hint = r"point it to the release with --set data.root=<path>, or set data.synthetic=true"
+    with pytest.raises(DataError, match=rf"data.root={typo}: does not exist \(expected fmri/ and stimuli/.*{hint}"):
+        ensure_inputs(cfg)
+    assert not typo.exists()
+    typo.mkdir()
+    with pytest.raises(DataError, match=rf"data.root={typo}: no dataset there.*{hint}"):
+        ensure_inputs(cfg)
+    assert list(typo.iterdir()) == []
+
+
+def test_sweep_cli_names_a_missing_data_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    typo = tmp_path / "nowhere"
+    rc = main(["sweep", "--set", "data.synthetic=false", "--set", f"outputs={tmp_path / 'out'}",
+               "--set", f"data.root={typo}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"mirage: error: data.root={typo}: does not exist") and "Traceback" not in err
+    assert not typo.exists()

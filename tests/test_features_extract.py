@@ -25,9 +25,10 @@ SUBSET = ["chaplin1", "life01", "s01e01a", "s06e01b"]
 
 @pytest.fixture
 def dataset_copy(synth_root, tmp_path) -> Path:
-    """The stimuli of the test dataset copied, so a test may damage them."""
+    """The stimuli of the test dataset copied (fMRI linked), so a test may damage them."""
     root = tmp_path / "data"
     shutil.copytree(Path(synth_root) / "stimuli", root / "stimuli")
+    (root / "fmri").symlink_to(Path(synth_root) / "fmri", target_is_directory=True)
     return root
 
 

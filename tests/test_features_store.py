@@ -128,11 +128,25 @@ def test_bad_arrays_are_refused(fcfg):
         FeatureStore(w.root).read("zzz")
 
 
-def test_overwrite_forgets_before_deleting(fcfg):
+def test_overwrite_keeps_the_old_entry_until_the_new_one_commits(fcfg):
     w = StoreWriter(fcfg)
-    w.write("a", _feats())
-    w.forget("a")
-    assert FeatureStore(w.root).stimuli() == [] and not (w.root / "a.npy").exists()
+    old, new = _feats(seed=0), _feats(n=12, seed=1)
+    w.write("a", old)
+    part = w.begin("a", new.shape)
+    part.put(0, new)
+    during = FeatureStore(w.root)  # a reader while the new version is being written
+    assert during.stimuli() == ["a"] and during.n_frames("a") == 10
+    np.testing.assert_array_equal(during.read("a"), old)
+    part.abort()  # a recomputation that fails leaves the old entry as it was
+    assert FeatureStore(w.root).verify() == {}
+    np.testing.assert_array_equal(FeatureStore(w.root).read("a"), old)
+    part = w.begin("a", new.shape)
+    part.put(0, new)
+    part.commit()
+    after = FeatureStore(w.root)
+    assert after.verify() == {} and after.n_frames("a") == 12 and "replacing" not in after.manifest
+    np.testing.assert_array_equal(after.read("a"), new)
+    np.testing.assert_array_equal(during.read("a"), old)  # an open map keeps the file it opened
 
 
 def test_missing_store_is_a_clear_error(tmp_path):

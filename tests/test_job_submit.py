@@ -57,7 +57,7 @@ def test_readme_command_is_complete():
 
     env = json.loads(head[head.index("--runtime-env-json") + 1])
     assert {".git", "outputs", ".venv"} <= set(env["excludes"])
-    assert argv[argv.index("--") + 1 : argv.index("--") + 5] == ["python", "jobs/sweep.py", "--config", "configs/paper.yaml"]
+    assert argv[argv.index("--") + 1 : argv.index("--") + 5] == ["python", "jobs/sweep.py", "--config", "paper"]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_sweep_job_submitted_as_documented(ray_head, tmp_path):
     head[head.index("--address") + 1] = address
     sid = f"mirage-test-{uuid.uuid4().hex[:8]}"
     job = [str(BIN / "ray"), *head[1:], "--submission-id", sid, "--",
-           "python", "jobs/sweep.py", "--config", "configs/demo.yaml", "--skip-analysis"]
+           "python", "jobs/sweep.py", "--config", "demo", "--skip-analysis"]
     for o in overrides:
         job += ["--set", o]
     proc = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)

@@ -404,9 +404,8 @@ def test_rayjob_runs_the_paper_sweep_with_valid_overrides(rendered):
     _, objs = rendered
     job = next(o for o in objs if o["kind"] == "RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:4] == ["python", "jobs/sweep.py", "--config", "configs/paper.yaml"]
-    assert (ROOT / "configs/paper.yaml").is_file()
-    cfg = load_config(str(ROOT / argv[3]), _set_overrides(argv))
+    assert argv[:4] == ["python", "jobs/sweep.py", "--config", "paper"]
+    cfg = load_config(argv[3], _set_overrides(argv))
     assert cfg.tracking.uri.startswith("http://mlflow.") and cfg.data.root.startswith("/mnt/mirage")
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert {".git", "outputs", ".venv"} <= set(env["excludes"])
@@ -462,7 +461,7 @@ def test_readme_documents_the_kubernetes_commands():
     assert "kubectl apply -k k8s/overlays/paper" in sec
     assert re.search(r"kubectl -n mirage port-forward svc/mirage-head-svc 8265:8265", sec)
     assert "ray job submit --address http://127.0.0.1:8265 --working-dir ." in sec
-    assert "-- python jobs/sweep.py --config configs/paper.yaml" in sec
+    assert "-- python jobs/sweep.py --config paper" in sec
     for secret in ("mlflow-backend", "mlflow-s3"):
         assert f"create secret generic {secret}" in sec
 

@@ -29,7 +29,7 @@ def inputs(B: int = 2, T: int = 12, seed: int = 1):
 
 
 def test_paper_config_parameter_count():
-    """configs/paper.yaml on the meta device: the published ~1.07 B model.
+    """The paper preset on the meta device: the published ~1.07 B model.
 
     Exact count with 3 modalities of (49 layers, 2048), 1000 parcels, 4 subjects, 100 TRs:
       layer poolers   3 x (24*2048 queries + 2 LayerNorms 4*2048 + MHA 4*2048^2 + 4*2048) =  50,528,256

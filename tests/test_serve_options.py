@@ -31,3 +31,14 @@ def test_app_builder_needs_a_model():
     with pytest.raises(MirageError, match="model"):
         build_app({"config": "demo"})
     build_app({"model": "models:/mirage@champion", "config": "paper", "overrides": ["serve.max_replicas=3"]})
+
+
+def test_the_proxy_timeout_backs_up_the_replica_timeout():
+    from mirage.distributed.serve import http_options
+
+    cfg = load_config("demo", ["serve.request_timeout_s=7.5", "serve.port=8123"])
+    opts = http_options(cfg)
+    assert opts == {"host": "127.0.0.1", "port": 8123, "request_timeout_s": 15.0}
+    from ray.serve.config import HTTPOptions
+
+    assert HTTPOptions(**opts).request_timeout_s == 15.0

@@ -100,7 +100,10 @@ def job(test_cfg, feature_store, tmp_path_factory):
     }
     # 2) the same command resumes and completes
     second = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
-    return {"work": work, "uri": uri, "first": first, "second": second, "cfg": test_cfg, "exp": exp}
+    # 3) the finished sweep's name with another config is refused, not answered with the old result
+    changed = cmd + ["--set", "train.epochs=3"]
+    third = subprocess.run(changed, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return {"work": work, "uri": uri, "first": first, "second": second, "third": third, "cfg": test_cfg, "exp": exp}
 
 
 def _progress_rows(exp: Path, trial_id: str) -> int:
@@ -161,6 +164,8 @@ def test_mlflow_holds_sweep_trials_and_registered_ensemble(job):
 
     mv = c.get_model_version_by_alias(REGISTRY, "champion")
     assert mv.run_id == ens.info.run_id
+    assert ens.data.tags["mirage.champion_decision"] == "promoted"  # the first ensemble of the registry
+    assert float(mv.tags["mirage.heldout_score"]) == pytest.approx(ens.data.metrics["ensemble_r"])
     summary = job["second"].stdout
     assert "mlflow ui --backend-store-uri " + uri in summary and "ensemble r" in summary
 
@@ -186,3 +191,12 @@ def test_registered_champion_loads_and_predicts(job):
     ens_dir = job["work"] / "out" / "ensembles" / "e2e-sweep-ensemble"
     direct = Predictor.from_path(ens_dir).predict_run(feats, "sub-02", 20)
     np.testing.assert_allclose(y, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_finished_sweep_rerun_with_another_config_is_refused(job):
+    third = job["third"]
+    assert third.returncode == 1, third.stdout[-2000:] + third.stderr[-2000:]
+    assert "mirage: error: sweep 'e2e-sweep' was run with another config" in third.stderr
+    assert "train.epochs: 2 -> 3" in third.stderr
+    assert "Traceback" not in third.stderr
+    assert len([r for r in _runs(job["uri"]) if r.data.tags.get("mirage.kind") == "sweep"]) == 1

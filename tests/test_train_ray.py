@@ -79,6 +79,12 @@ def test_killed_worker_resumes_from_last_checkpoint(train_cfg, ray_local, tmp_pa
     resumed_at = max(h["start_epoch"] for h in res.history)
     assert resumed_at >= 1  # the replacement workers continued from a checkpoint, not from scratch
     assert res.model_dir and Path(res.model_dir, "model.safetensors").is_file()
+    from mirage.distributed.train import latest_complete_checkpoint
+    from mirage.train.loop import is_complete
+
+    last = tmp_path / "killed" / "epoch_0004"
+    assert is_complete(last), "rank 0 marks a persisted checkpoint complete after every rank reported"
+    assert latest_complete_checkpoint(tmp_path / "killed") == last
 
 
 def test_restarted_run_resumes_and_is_tracked(train_cfg, ray_local, tmp_path):

@@ -249,10 +249,14 @@ def _fmri(cfg: Config, run) -> np.ndarray:
     return zscore(y) if cfg.data.zscore else y
 
 
-def fit_baseline(cfg: Config, name: str, store=None) -> BaselineResult:
-    """Fit one baseline on the train split (per subject) and score it on the validation split."""
+def fit_baseline(cfg: Config, name: str, store=None, progress: bool = False) -> BaselineResult:
+    """Fit one baseline on the train split (per subject) and score it on the validation split.
+
+    ``progress``: show the subjects done on stderr (:func:`mirage.progress.tracked`).
+    """
     from mirage.features.store import open_store
     from mirage.metrics import EDGE_TRS, concat_trimmed, pearson_r
+    from mirage.progress import tracked
 
     if name not in BASELINES:
         raise DataError(f"baseline {name!r}: expected one of {sorted(BASELINES)}")
@@ -279,7 +283,7 @@ def fit_baseline(cfg: Config, name: str, store=None) -> BaselineResult:
 
     subjects = list(cfg.data.subjects)
     models, n_rows, r_sub, r_all_sub, alphas_sub = {}, {}, {}, {}, {}
-    for s in subjects:
+    for s in tracked(subjects, f"baseline {name}", progress):
         xs, ys = [], []
         for run in (r for r in train if r.subject == s):
             y = _fmri(cfg, run)
@@ -319,8 +323,13 @@ def fit_baseline(cfg: Config, name: str, store=None) -> BaselineResult:
     )
 
 
-def run_baselines(cfg: Config, names: list[str] | None = None, *, track: bool = True) -> list[BaselineResult]:
-    """Fit and score baselines; each is an MLflow run (``mirage.kind=baseline``) when ``track``."""
+def run_baselines(
+    cfg: Config, names: list[str] | None = None, *, track: bool = True, progress: bool = False
+) -> list[BaselineResult]:
+    """Fit and score baselines; each is an MLflow run (``mirage.kind=baseline``) when ``track``.
+
+    ``progress``: show each baseline's subjects done on stderr.
+    """
     import tempfile
     from pathlib import Path
 
@@ -329,10 +338,10 @@ def run_baselines(cfg: Config, names: list[str] | None = None, *, track: bool = 
     out = []
     for name in names or list(BASELINES):
         if not track:
-            out.append(fit_baseline(cfg, name))
+            out.append(fit_baseline(cfg, name, progress=progress))
             continue
         with tracking.tracked_run(cfg, "baseline", f"baseline-{name}", tags={"mirage.baseline": name}) as run_id:
-            res = fit_baseline(cfg, name)
+            res = fit_baseline(cfg, name, progress=progress)
             pca = {f"pca_components/{m}": int(p.n_components_) for m, (_, p) in res.reducers.items()}
             tracking.log_metrics(
                 cfg.tracking.uri, run_id,

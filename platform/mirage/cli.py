@@ -2,20 +2,24 @@
 
 Every subcommand accepts ``--config PRESET_OR_PATH`` and repeatable
 ``--set section.key=value``; user mistakes (``MirageError``) print as one line
-on stderr with exit status 1, without a traceback.
+on stderr with exit status 1, without a traceback. Any other error, and a MirageError raised
+inside a Ray worker, prints the same one line naming a log file with the full trace
+(:mod:`mirage.failures`); ``--debug`` also prints the trace.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from mirage.config import Config, load_config, resolve_paths
-from mirage.errors import MirageError
 
 Handler = Callable[[Config, argparse.Namespace], int]
+DEBUG_HELP = "on an error, also print its full traceback (a worker's or unexpected error's is logged under <outputs>/logs)"
+DISTRIBUTION = "mirage-platform"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +28,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set model.n_queries=8 (repeatable)",
     )
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
@@ -42,8 +47,21 @@ def command(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], 
 # ------------------------------------------------------------------ parser
 
 
+def version() -> str:
+    """The installed distribution's version (``mirage-platform``)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirage", description="MIRAGE brain-encoding platform")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subs = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, (help_text, add_args, handler) in COMMANDS.items():
@@ -64,11 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     _register_commands()
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
         cfg = resolve_paths(load_config(args.config, args.overrides))
         return int(args.handler(cfg, args) or 0)
-    except MirageError as e:
-        print(f"mirage: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every error ends as one line; the trace goes to a log
+        from mirage.failures import error_line
+
+        if getattr(args, "debug", False):
+            traceback.print_exception(e, file=sys.stderr)
+        print(error_line(e, cfg.outputs if cfg is not None else None), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mirage: interrupted", file=sys.stderr)

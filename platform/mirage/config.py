@@ -4,11 +4,11 @@ Every command, job and Tune trial builds its configuration the same way:
 
     cfg = load_config("demo", ["model.n_queries=8", "train.epochs=2"])
 
-A preset (a YAML file in ``configs/`` or any path) is merged over the field
+A preset (a YAML file shipped in ``mirage/presets/``, or any path) is merged over the field
 defaults, then each ``section.key=value`` override is applied in order; the
 result is validated as a whole. Unknown keys are rejected with their dotted
 path; values are type-checked. Field defaults are the published MIRAGE setup;
-``configs/demo.yaml`` shrinks it to a tiny CPU run.
+the ``demo`` preset shrinks it to a tiny CPU run.
 
 Paths left empty are derived from ``outputs`` by :func:`resolve_paths`, and all
 paths become absolute there (jobs run from an unpacked copy of the project and
@@ -18,9 +18,12 @@ Tune changes each trial's working directory).
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import types
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mirage.errors import MirageError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PRESET_DIR = PROJECT_ROOT / "configs"
+PRESET_PACKAGE = "mirage"
+PRESET_FOLDER = "presets"
+"""Presets ship as package data: ``mirage/presets/<name>.yaml``."""
 DEFAULT_PRESET = "demo"
 
 SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-05")
@@ -109,6 +114,11 @@ class DataConfig(Section):
         description="Stimulus ids left out of every split for every subject. Default (the reference's): s06e03a "
         "and the runs missing for one subject (sub-02 s05e20a; sub-05 s04e01a, s04e01b, s04e13b).",
     )
+    synthetic: bool = Field(
+        False,
+        description="The dataset is the platform's synthetic one: a local sweep writes it to data.root when "
+        "missing. False: a missing or empty data.root is an error (point it to the release).",
+    )
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic dataset parameters.")
 
 
@@ -175,6 +185,12 @@ class FeaturesConfig(Section):
     audio_rate: int = Field(16000, description="Audio sample rate fed to the backbone.")
     audio_decode_rate: int = Field(
         44100, gt=0, description="Rate of the int16 stereo PCM the track is decoded to before resampling to audio_rate."
+    )
+    media_tolerance_s: float = Field(
+        1.0, ge=0, description="A movie whose video or audio packets end more than this many seconds before the "
+        "container's duration is truncated or corrupt: `mirage data check` and extraction reject it, and decoding "
+        "repeats no frame and pads no silence beyond it (shorter gaps are the encoders' own and kept, as the "
+        "reference does). Not in the store key: it changes no stored number."
     )
     max_words: int = Field(1024, ge=0, description="At most this many transcript words per pass (at least 1 is kept).")
     transcript_tr: float = Field(
@@ -370,7 +386,14 @@ class EnsembleConfig(Section):
         "from which the ensemble's cross-fitted score chooses each member's epoch on one fold of the validation runs.",
     )
     registry_name: str = Field("mirage", description="Model Registry name of the ensemble.")
-    alias: str = Field("champion", description="Registry alias set on the new version.")
+    alias: str = Field(
+        "champion",
+        description="Registry alias of the best ensemble: moved to a new version only when its held-out "
+        "(cross-fitted) ensemble_r is at least the current holder's, or with ensemble.promote.",
+    )
+    promote: bool = Field(
+        False, description="Move the alias to the new ensemble whatever its score (mirage sweep/ensemble --promote)."
+    )
     analysis: bool = Field(
         True, description="Log interpretability artifacts (attention, ablations) of the best member."
     )
@@ -391,6 +414,14 @@ class RayConfig(Section):
         None, ge=1, description="Logical CPUs of a local Ray (more than physical cores on small machines)."
     )
     include_dashboard: bool = Field(True, description="Start the dashboard with a local Ray (on 127.0.0.1).")
+    auth: Literal["token", "disabled"] = Field(
+        "token",
+        description="Authentication of a local Ray: 'token' (its gRPC and HTTP ports, which listen on every "
+        "interface, refuse callers without the token); 'disabled' lets anyone on the network run code.",
+    )
+    auth_token_path: str = Field(
+        "", description="Token file of a local Ray (owner-only permissions); empty = <outputs>/.ray/auth_token."
+    )
 
 
 class ServeConfig(Section):
@@ -403,6 +434,19 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1, description="@serve.batch size.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch wait.")
     max_payload_mb: float = Field(64.0, gt=0, description="Largest request body accepted.")
+    max_uncompressed_mb: float = Field(
+        256.0, gt=0, description="Largest features array a posted .npy/.npz may declare, uncompressed (checked from its header)."
+    )
+    max_json_kb: float = Field(64.0, gt=0, description="Largest JSON request body (/v1/predict).")
+    extra_trs: int = Field(
+        10, ge=0,
+        description="TRs a request may ask for past those its feature frames span (fMRI runs can outlast the stimulus).",
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0,
+        description="Seconds a replica gives one request, body upload included, before answering 408; "
+        "the HTTP proxy drops it after twice that.",
+    )
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (and per batch prediction actor).")
     cpus_per_replica: float = Field(1.0, ge=0, description="Logical CPUs per replica (and per batch prediction actor).")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica accepts at once (queued into batches).")
@@ -474,6 +518,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=raw", ...]`` -> ``[("a.b", value), ...]``, each value converted by its field's type."""
     out = []
     for item in items:
         if "=" not in item:
@@ -482,12 +527,91 @@ def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r}: empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
-        out.append((key, value))
+        out.append((key, _convert(key, raw, _field_annotation(key))))
     return out
+
+
+_NULL = {"", "null", "none", "~"}
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _field_annotation(key: str) -> Any:
+    """The type annotation of the field at dotted ``key``; ``Any`` inside open mappings.
+
+    Raises ConfigError naming the unknown key (with the nearest known one).
+    """
+    model: type[BaseModel] = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}, in override {key}{_did_you_mean(key)}")
+        ann = field.annotation
+        if i == len(parts) - 1:
+            return ann
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            if get_origin(ann) is dict:
+                return Any  # an open mapping (sweep.space): entries are YAML
+            raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is not a section, in override {key}")
+        model = ann
+    return Any
+
+
+def _convert(key: str, raw: str, ann: Any) -> Any:
+    """The override string ``raw`` as a value of type ``ann``: str stays str, int/float/bool parse
+    strictly, ``X | None`` takes ``null``, anything else (lists, mappings, unions) is read as YAML."""
+    origin = get_origin(ann)
+    if origin in (Union, types.UnionType):
+        arms = [a for a in get_args(ann) if a is not type(None)]
+        if len(arms) < len(get_args(ann)) and raw.strip().lower() in _NULL:
+            return None
+        if len(arms) == 1:
+            return _convert(key, raw, arms[0])
+    elif ann is str:
+        return raw
+    elif origin is Literal and all(isinstance(a, str) for a in get_args(ann)):
+        choices = list(get_args(ann))
+        if raw not in choices:
+            hint = _did_you_mean(raw, choices)
+            raise ConfigError(f"invalid value {raw!r}, in override {key}; expected one of {choices}{hint}")
+        return raw
+    elif ann is bool:
+        word = raw.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ConfigError(f"invalid value {raw!r}, in override {key}; expected a boolean (true or false)")
+    elif ann is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"invalid value {raw!r}, in override {key}; expected an integer") from None
+    elif ann is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"invalid value {raw!r}, in override {key}; expected a number") from None
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid value {raw!r}, in override {key}; expected YAML ({e.__class__.__name__})") from None
+
+
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree, sections included (``data``, ``data.synth``, ``data.tr``)."""
+    out = []
+    for name, field in (model or Config).model_fields.items():
+        out.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += config_keys(ann, f"{prefix}{name}.")
+    return out
+
+
+def _did_you_mean(name: str, candidates: list[str] | None = None) -> str:
+    """``"; did you mean 'x'?"`` for the closest candidate (config keys by default), else ``""``."""
+    close = difflib.get_close_matches(name, candidates if candidates is not None else config_keys(), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -498,14 +622,14 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node: Any = tree
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (in override {key})")
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}, in override {key}{_did_you_mean(key)}")
         node = node[part]
     if not isinstance(node, dict):
         raise ConfigError(f"config key {'.'.join(parts[:-1])!r} is not a section (in override {key})")
     leaf = parts[-1]
     # dict-valued fields (sweep.space) accept new keys; sections do not
     if leaf not in node and not _is_open_mapping(parts[:-1]):
-        raise ConfigError(f"unknown config key {key!r}")
+        raise ConfigError(f"unknown config key {key!r}, in override {key}{_did_you_mean(key)}")
     node[leaf] = value
 
 
@@ -513,14 +637,14 @@ def _is_open_mapping(path: list[str]) -> bool:
     return path == ["sweep", "space"]
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "", source: str = "") -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
         key = f"{where}{k}"
         if k not in out and not _is_open_mapping(where.rstrip(".").split(".") if where else []):
-            raise ConfigError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {key!r}, in {source or 'config'}{_did_you_mean(key)}")
         if isinstance(v, dict) and isinstance(out.get(k), dict) and key != "sweep.space":
-            out[k] = _merge(out[k], v, key + ".")
+            out[k] = _merge(out[k], v, key + ".", source)
         else:
             out[k] = v
     return out
@@ -534,10 +658,16 @@ def _validate(tree: dict[str, Any], source: str) -> Config:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                msgs.append(f"unknown config key {loc!r}")
+                msgs.append(f"unknown config key {loc!r}{_did_you_mean(loc)}")
             else:
                 msgs.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(f"invalid config ({source}): " + "; ".join(msgs)) from None
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in the package (``demo``, ``paper``)."""
+    folder = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER)
+    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
 
 
 def preset_path(name: str) -> Path:
@@ -547,11 +677,12 @@ def preset_path(name: str) -> Path:
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         return p
-    cand = PRESET_DIR / f"{name}.yaml"
+    cand = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER, f"{name}.yaml")
     if not cand.is_file():
-        known = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {name!r}: expected a YAML path or one of {known}")
-    return cand
+        known = preset_names()
+        hint = _did_you_mean(name, known)
+        raise ConfigError(f"unknown preset {name!r}; expected a YAML path or one of {known}{hint}")
+    return Path(str(cand))
 
 
 def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
@@ -564,7 +695,7 @@ def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any]
         raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}")
-    tree = _merge(tree, loaded)
+    tree = _merge(tree, loaded, source=f"config file {path}")
     cfg = _validate(tree, source=str(path))
     if overrides:
         cfg = cfg.with_overrides(overrides)
@@ -584,6 +715,7 @@ def resolve_paths(cfg: Config, base: str | os.PathLike | None = None) -> Config:
         "data.root": absolute(cfg.data.root, out / "data"),
         "features.store": absolute(cfg.features.store, out / "features"),
         "train.storage": absolute(cfg.train.storage, out / "ray_results"),
+        "ray.auth_token_path": absolute(cfg.ray.auth_token_path, out / ".ray" / "auth_token"),
     }
     uri = cfg.tracking.uri or f"sqlite:///{out / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

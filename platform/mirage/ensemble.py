@@ -402,21 +402,20 @@ def write_ensemble_dir(
     subjects: list[str],
     info: dict[str, Any],
 ) -> Path:
-    """Write an ensemble directory (atomically: a temp folder renamed into place).
+    """Write an ensemble directory atomically (:func:`mirage.atomic.replacing_dir`).
+
+    Built in a unique temporary folder beside ``out`` and swapped in; a failure while writing
+    leaves an existing ``out`` as it was and no temporary folder behind.
 
     Layout: ``ensemble.json`` (format, members, subjects, weighting rule, ``info``),
     ``weights.npy`` (n_members, n_subjects, n_parcels) float32, ``members/<i>/`` copies of the
     members' exported model directories.
     """
+    from mirage.atomic import replacing_dir
+
     out = Path(out)
     if weights.ndim != 3 or weights.shape[:2] != (len(member_dirs), len(subjects)):
         raise ValueError(f"weights {weights.shape} do not match {len(member_dirs)} members x {len(subjects)} subjects")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "members").mkdir(parents=True)
-    for i, src in enumerate(member_dirs):
-        shutil.copytree(src, tmp / "members" / str(i))
-    np.save(tmp / "weights.npy", weights.astype(np.float32))
     meta = {
         "format": ENSEMBLE_FORMAT,
         "n_members": len(member_dirs),
@@ -425,7 +424,10 @@ def write_ensemble_dir(
         "weighting": WEIGHTING_RULE,
         **info,
     }
-    (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with replacing_dir(out) as tmp:
+        (tmp / "members").mkdir()
+        for i, src in enumerate(member_dirs):
+            shutil.copytree(src, tmp / "members" / str(i))
+        np.save(tmp / "weights.npy", weights.astype(np.float32))
+        (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
     return out

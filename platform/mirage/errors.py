@@ -17,3 +17,19 @@ class FeatureStoreError(MirageError):
 
 class ModelLoadError(MirageError):
     """A checkpoint or model URI cannot be loaded into the MIRAGE model."""
+
+
+class PayloadError(MirageError):
+    """A request body is not the file format it claims to be (a truncated or malformed npz/npy)."""
+
+
+class PayloadTooLargeError(PayloadError):
+    """A request body, or an array it declares, is larger than the configured limit."""
+
+
+class ResourceError(MirageError):
+    """A run asks for resources (GPUs) that this machine or Ray cluster cannot ever provide."""
+
+
+class TrackingError(MirageError):
+    """The MLflow tracking store cannot be reached or written."""

@@ -39,6 +39,6 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 def data_check(cfg: Config, a: argparse.Namespace) -> int:
     from mirage.data.check import check_dataset, print_report
 
-    report = check_dataset(a.root, cfg.data, progress=True)
+    report = check_dataset(a.root, cfg.data, progress=True, media_tolerance_s=cfg.features.media_tolerance_s)
     print_report(report, as_json=a.json)
     return 0 if report["ok"] else 1

@@ -7,6 +7,7 @@ import sys
 
 from mirage.cli import command
 from mirage.config import Config
+from mirage.preflight import on_cluster, preflight
 
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
@@ -17,14 +18,19 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
 
 @command("extract", "extract backbone features of every stimulus into the feature store", _extract_args)
 def extract(cfg: Config, a: argparse.Namespace) -> int:
+    preflight(cfg, {"data"} if a.local else {"data", "gpus"}, gpus_for="extract", splits=())
     if a.local:
         from mirage.features.extract import extract_all
 
-        result = extract_all(cfg, stimuli=a.stimuli, overwrite=a.overwrite)
+        result = extract_all(cfg, stimuli=a.stimuli, overwrite=a.overwrite, progress=True)
     else:
+        from mirage.distributed.cluster import check_cluster_gpus, init_ray
         from mirage.distributed.extract import run_extract
 
         try:
+            if on_cluster(cfg):  # the cluster's GPUs are known once connected
+                init_ray(cfg.ray)
+                check_cluster_gpus(cfg, "extract")
             result = run_extract(cfg, overwrite=a.overwrite, stimuli=a.stimuli, progress=lambda m: print(m, flush=True))
         finally:
             import ray
@@ -35,16 +41,26 @@ def extract(cfg: Config, a: argparse.Namespace) -> int:
         f"feature store {result.store}: {len(result.written)} written, {len(result.skipped)} already stored, "
         f"{len(result.failed)} failed ({result.cutoffs} cutoffs in {result.seconds:.1f} s)"
     )
+    kept = _stored(result.store) if a.overwrite and result.failed else set()
     for sid, err in sorted(result.failed.items()):
-        print(f"mirage: error: stimulus {sid} failed: {err}", file=sys.stderr)
+        note = "; its previously stored features are kept" if sid in kept else ""
+        print(f"mirage: error: stimulus {sid} failed: {err}{note}", file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def _stored(root) -> set[str]:
+    """Stimuli recorded in the store at ``root`` (none if it holds no manifest)."""
+    from mirage.features.store import MANIFEST, FeatureStore
+
+    return set(FeatureStore(root).stimuli()) if (root / MANIFEST).is_file() else set()
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checksums", action="store_true", help="check shapes only")
 
 
-@command("features verify", "check every file of the feature store against its manifest", _verify_args)
+@command("features verify", "check every file of the feature store against its manifest (an empty store fails)",
+         _verify_args)
 def features_verify(cfg: Config, a: argparse.Namespace) -> int:
     from mirage.features.store import open_store
 

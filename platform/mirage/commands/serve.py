@@ -9,6 +9,7 @@ from pathlib import Path
 from mirage.cli import command
 from mirage.config import Config
 from mirage.errors import DataError
+from mirage.preflight import on_cluster, preflight
 
 MODEL_HELP = "model URI: models:/<name>@<alias>, runs:/<run_id>/<path>, or a local model directory"
 
@@ -25,8 +26,10 @@ def serve_cmd(cfg: Config, a: argparse.Namespace) -> int:
 
     updates = {f"serve.{k}": getattr(a, k) for k in ("host", "port") if getattr(a, k) is not None}
     cfg = cfg.with_overrides(updates) if updates else cfg
+    preflight(cfg, {"gpus", "model"}, model_uri=a.model, gpus_for="serve")
     started = not _ray_running()
     try:
+        _on_cluster_check_gpus(cfg, "serve")
         run_server(cfg, a.model, blocking=True)
     finally:
         if started:
@@ -46,8 +49,11 @@ def predict_cmd(cfg: Config, a: argparse.Namespace) -> int:
     from mirage.distributed.predict import predict_split
     from mirage.submission import write_predictions, write_submission
 
+    splits = ("val",) if a.split == "val" else ()
+    preflight(cfg, {"gpus", "data", "model"}, model_uri=a.model, gpus_for="predict", splits=splits)
     started = not _ray_running()
     try:
+        _on_cluster_check_gpus(cfg, "predict")
         preds = predict_split(cfg, a.model, a.split)
     finally:
         if started:
@@ -66,7 +72,8 @@ def predict_cmd(cfg: Config, a: argparse.Namespace) -> int:
 
 def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("predictions", help="predictions_val.npz from `mirage predict`, or a submission zip")
-    p.add_argument("--split", default=None, help="scoring rule: val, friends-s7 or ood (default: from the file)")
+    p.add_argument("--split", default=None, choices=["friends-s7", "ood", "val"],
+                   help="scoring rule (default: from the file)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -91,6 +98,15 @@ def score_cmd(cfg: Config, a: argparse.Namespace) -> int:
         for sub in sorted(targets):
             print(f"  {sub}: {scores[sub]:.4f}")
     return 0
+
+
+def _on_cluster_check_gpus(cfg: Config, use: str) -> None:
+    """On a Ray cluster: connect, then fail fast on a GPU request it can never meet."""
+    if on_cluster(cfg):
+        from mirage.distributed.cluster import check_cluster_gpus, init_ray
+
+        init_ray(cfg.ray)
+        check_cluster_gpus(cfg, use)
 
 
 def _ray_running() -> bool:

@@ -8,7 +8,6 @@ run the Tune sweep, build the ensemble from it, print a summary and the ``mlflow
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,11 +16,7 @@ import numpy as np
 from mirage.cli import command
 from mirage.config import Config
 from mirage.errors import DataError, MirageError
-
-
-def on_cluster(cfg: Config) -> bool:
-    """True when Ray is a cluster (``ray.address`` set, or a job with ``RAY_ADDRESS``)."""
-    return bool(os.environ.get("RAY_ADDRESS") or cfg.ray.address)
+from mirage.preflight import on_cluster, preflight
 
 
 def _has_dataset(root: Path) -> bool:
@@ -31,9 +26,9 @@ def _has_dataset(root: Path) -> bool:
 def ensure_inputs(cfg: Config) -> None:
     """Dataset and feature store, created on the embedded default when missing.
 
-    Locally, a missing ``data.root`` gets the synthetic dataset and missing features are
-    extracted (only what is missing). On a cluster nothing is generated: a missing dataset is an
-    error naming ``data.root``.
+    The synthetic dataset is written to a missing ``data.root`` only by a local run of a preset
+    that says so (``data.synthetic``, the demo); otherwise a missing or empty ``data.root`` is a
+    DataError naming it. Missing features are extracted (only what is missing).
     """
     root = Path(cfg.data.root)
     if not _has_dataset(root):
@@ -42,9 +37,16 @@ def ensure_inputs(cfg: Config) -> None:
                 f"data.root={root}: no dataset there (expected fmri/ and stimuli/ in the Algonauts 2025 layout); "
                 "on a cluster stage the dataset on shared storage and pass --set data.root=<path>"
             )
+        if not cfg.data.synthetic:
+            state = "does not exist" if not root.exists() else "no dataset there"
+            raise DataError(
+                f"data.root={root}: {state} (expected fmri/ and stimuli/ in the Algonauts 2025 layout); "
+                "point it to the release with --set data.root=<path>, or set data.synthetic=true "
+                "to write the synthetic dataset there"
+            )
         from mirage.data.synth import write_synthetic
 
-        print(f"[mirage] writing the synthetic dataset to {root}", flush=True)
+        print(f"[mirage] data.synthetic=true: writing the synthetic dataset to {root}", flush=True)
         write_synthetic(root, cfg.data.synth, tr=cfg.data.tr, progress=False)
     from mirage.features.extract import stimuli_of
     from mirage.features.store import open_store
@@ -63,6 +65,19 @@ def ensure_inputs(cfg: Config) -> None:
 
 def _ensemble_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-analysis", action="store_true", help="do not log interpretability artifacts")
+    p.add_argument(
+        "--promote", action="store_true",
+        help="move the champion alias to the new ensemble even if its held-out score is below the champion's",
+    )
+
+
+def _ensemble_overrides(cfg: Config, a: argparse.Namespace) -> Config:
+    """``--skip-analysis`` and ``--promote`` as config values."""
+    if a.skip_analysis:
+        cfg = cfg.with_overrides({"ensemble.analysis": False})
+    if a.promote:
+        cfg = cfg.with_overrides({"ensemble.promote": True})
+    return cfg
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
@@ -75,12 +90,13 @@ def sweep(cfg: Config, a: argparse.Namespace) -> int:
     from mirage.distributed.cluster import init_ray
     from mirage.distributed.sweep import run_sweep
 
-    if a.skip_analysis:
-        cfg = cfg.with_overrides({"ensemble.analysis": False})
+    cfg = _ensemble_overrides(cfg, a)
+    preflight(cfg, {"tracking", "gpus"})
     import ray
 
     try:
         ensure_inputs(cfg)
+        preflight(cfg, {"data", "features"})
         init_ray(cfg.ray)
         res = run_sweep(cfg)
         if res.interrupted:
@@ -104,8 +120,8 @@ def ensemble(cfg: Config, a: argparse.Namespace) -> int:
     from mirage.distributed.ensemble import build_ensemble
     from mirage.distributed.sweep import load_sweep
 
-    if a.skip_analysis:
-        cfg = cfg.with_overrides({"ensemble.analysis": False})
+    cfg = _ensemble_overrides(cfg, a)
+    preflight(cfg, {"tracking", "gpus", "data", "features"})
     res = load_sweep(cfg)
     import ray
 
@@ -162,6 +178,11 @@ def print_summary(cfg: Config, res, outcome) -> None:
         con.print(f"cross-fitted: ensemble r {m['ensemble_r']:.4f} vs best member r {m['best_member_r']:.4f} "
                   f"({'+' if gain >= 0 else ''}{gain:.4f}); weights shipped: refit on all validation runs")
         con.print(f"registered: {outcome.model_uri} (version {outcome.version}); ensemble dir {outcome.directory}")
+        decision = getattr(outcome, "champion", None)
+        if decision is not None:
+            verb = "moved to" if decision.promoted else "kept on"
+            held = decision.version if decision.promoted else (decision.previous_version or "-")
+            con.print(f"alias @{decision.alias} {verb} version {held}: {decision.reason}")
     con.print(f"browse: mlflow ui --backend-store-uri {cfg.tracking.uri}")
 
 

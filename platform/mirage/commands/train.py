@@ -7,6 +7,7 @@ import json
 
 from mirage.cli import command
 from mirage.config import Config
+from mirage.preflight import preflight
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -16,10 +17,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train MIRAGE with Ray Train (FSDP2), tracked in MLflow, resumable", _train_args)
 def train(cfg: Config, a: argparse.Namespace) -> int:
+    from mirage.distributed.progress import EpochLines
     from mirage.distributed.train import run_training
 
+    preflight(cfg, {"gpus", "data", "features"} | (set() if a.no_track else {"tracking"}))
     try:
-        res = run_training(cfg, name=a.name, track=not a.no_track)
+        res = run_training(cfg, name=a.name, track=not a.no_track, callbacks=[EpochLines(cfg.train.epochs)])
     finally:
         import ray
 
@@ -54,7 +57,8 @@ def _baseline_args(p: argparse.ArgumentParser) -> None:
 def baseline(cfg: Config, a: argparse.Namespace) -> int:
     from mirage.baselines import run_baselines
 
-    for res in run_baselines(cfg, a.which, track=not a.no_track):
+    preflight(cfg, {"data", "features"} | (set() if a.no_track else {"tracking"}))
+    for res in run_baselines(cfg, a.which, track=not a.no_track, progress=True):
         subj = ", ".join(f"{s} {v:.3f}" for s, v in res.val_r_subject.items())
         print(f"{res.name}: val r {res.val_r_official:.4f}, official form ({subj}); every TR {res.val_r:.4f}")
     return 0

@@ -6,6 +6,10 @@ count, no transcript for the silent film). Problems are collected, not raised:
 each names the file (and key) and what was expected; ``report["ok"]`` is False
 when there is at least one.
 
+Media integrity: every movie is demuxed to its last packet (nothing decoded); a video or audio
+stream ending more than ``features.media_tolerance_s`` before the container's duration (a
+truncated or corrupt file) is an error naming the file and the seconds missing.
+
 Length reconciliation (``mirage.data.fmri.reconcile_lengths``): the fMRI run is
 the reference and keeps all its rows; the stimulus spans ceil(duration / TR)
 TRs; a difference up to ``data.max_length_mismatch_trs`` is accepted and
@@ -24,9 +28,11 @@ import av
 import h5py
 import numpy as np
 
-from mirage.config import DataConfig
+from mirage.config import DataConfig, FeaturesConfig
 from mirage.data.fmri import reconcile_lengths, stimulus_trs
-from mirage.data.layout import _H5_NAME, TARGET_SETS, Release, Stimulus, parse_fmri_key, source_of, stimulus_paths
+from mirage.data.layout import (
+    _H5_NAME, TARGET_SETS, Release, Stimulus, parse_fmri_key, source_of, stimulus_paths, unfetched_error,
+)
 from mirage.data.media import MediaReader
 from mirage.data.splits import SPLITS, _selectors, matches
 from mirage.data.transcripts import read_rows
@@ -60,8 +66,14 @@ def _progress(enabled: bool):
                     console=Console(stderr=True), transient=True)
 
 
-def check_dataset(root: str | Path, cfg: DataConfig, progress: bool = False) -> dict:
+def check_dataset(
+    root: str | Path, cfg: DataConfig, progress: bool = False,
+    media_tolerance_s: float = FeaturesConfig.model_fields["media_tolerance_s"].default,
+) -> dict:
     """Validate ``root``; returns the report (JSON-serialisable dict, ``ok`` False on problems).
+
+    ``media_tolerance_s``: ``features.media_tolerance_s``, the largest gap tolerated between a
+    stream's last packet and the container's duration.
 
     Keys: ``subjects`` ({subject: {"runs": {h5 key: [n_trs, n_parcels]}, "files": [...],
     "target_samples": {set: {chunk: n_trs}}}}), ``stimuli`` ({id: facts}), ``lengths``,
@@ -78,8 +90,12 @@ def check_dataset(root: str | Path, cfg: DataConfig, progress: bool = False) -> 
     if not rep.d["ok"]:
         return rep.d
     release = Release(root)
+    unfetched = release.unfetched()
+    if unfetched:  # git-annex files whose content is absent: nothing further can be read
+        rep.error(str(unfetched_error(root, unfetched)))
+        return rep.d
     with _progress(progress) as bar:
-        durations = _check_stimuli(release, cfg, rep, bar)
+        durations = _check_stimuli(release, cfg, rep, bar, media_tolerance_s)
         _check_fmri(release, cfg, rep, bar)
     _check_lengths(release, cfg, rep, durations)
     _check_targets(release, cfg, rep, durations)
@@ -165,7 +181,7 @@ def _check_h5_keys(f: h5py.File, path: Path, cfg: DataConfig, rep: _Report, entr
 # --------------------------------------------------------------- stimuli
 
 
-def _check_stimuli(release: Release, cfg: DataConfig, rep: _Report, bar) -> dict[str, float]:
+def _check_stimuli(release: Release, cfg: DataConfig, rep: _Report, bar, media_tolerance_s: float) -> dict[str, float]:
     stimuli = release.stimuli()
     known = {st.video for st in stimuli.values()}
     for p in sorted((release.root / "stimuli" / "movies").rglob("*.mkv")):
@@ -174,7 +190,7 @@ def _check_stimuli(release: Release, cfg: DataConfig, rep: _Report, bar) -> dict
     durations: dict[str, float] = {}
     task = bar.add_task("stimuli", total=len(stimuli)) if bar else None
     for sid, st in stimuli.items():
-        facts = _check_media(st, rep)
+        facts = _check_media(st, rep, media_tolerance_s)
         if facts.get("duration") is not None:
             durations[sid] = facts["duration"]
         facts.update(_check_transcript(release.root, st, cfg, rep, facts.get("duration")))
@@ -184,7 +200,7 @@ def _check_stimuli(release: Release, cfg: DataConfig, rep: _Report, bar) -> dict
     return durations
 
 
-def _check_media(st: Stimulus, rep: _Report) -> dict:
+def _check_media(st: Stimulus, rep: _Report, tolerance_s: float) -> dict:
     facts: dict = {"source": st.source, "group": st.group, "video": str(st.video), "duration": None}
     try:
         with MediaReader(st.video) as m:
@@ -201,6 +217,12 @@ def _check_media(st: Stimulus, rep: _Report) -> dict:
             v, a = m.video_info, m.audio_info
             facts.update(duration=round(duration, 3), fps=round(v.fps, 3), size=[v.width, v.height],
                          video_codec=v.codec, sample_rate=a.sample_rate, channels=a.channels, audio_codec=a.codec)
+            try:
+                ends = m.check_complete(tolerance_s)
+            except DataError as e:
+                rep.error(f"{e} (features.media_tolerance_s)")
+                return facts
+            facts.update(stream_ends={k: round(e, 3) for k, e in ends.ends.items()})
             m.frames_at([0.0, duration / 2])
             m.audio(0.0, min(1.0, duration))
     except MirageError as e:

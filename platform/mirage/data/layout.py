@@ -16,6 +16,10 @@ Layout under the dataset root::
     stimuli/transcripts/friends/s1/friends_s01e01a.tsv
     stimuli/transcripts/movie10/life/movie10_life01.tsv
     stimuli/transcripts/ood/pulpfiction/ood_pulpfiction1.tsv
+
+A release fetched with DataLad (git-annex) keeps every file whose content was not fetched as a
+symlink to a missing object. Such a movie, transcript, fMRI or target file is never skipped:
+reading it raises a DataError naming the files and the command that fetches them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ _MOVIE10_ID = re.compile(r"^([a-z]+)(\d{2})$")
 _OOD_ID = re.compile(r"^([a-z]+)(\d)$")
 _KEY = re.compile(r"^(?:ses-(?P<ses>\d+)_)?task-(?P<task>[A-Za-z0-9]+)(?:_run-(?P<run>\d+))?$")
 _H5_NAME = re.compile(r"^(?P<sub>sub-[A-Za-z0-9]+)_task-(?P<task>[A-Za-z0-9]+)_.*bold\.h5$")
+_SHOWN = 5  # broken symlinks named in an error; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,24 @@ def _video_id(path: Path, source: str) -> str | None:
     return None
 
 
+def broken_links(paths) -> list[Path]:
+    """The paths that are symlinks to a missing target (git-annex files whose content is absent)."""
+    return [p for p in paths if p.is_symlink() and not p.exists()]
+
+
+def unfetched_error(root: Path, broken: list[Path]) -> DataError:
+    """A DataError naming (the first few of) ``broken`` and the command that fetches them."""
+    rel = sorted(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in broken)
+    shown = ", ".join(rel[:_SHOWN]) + (f" and {len(rel) - _SHOWN} more" if len(rel) > _SHOWN else "")
+    targets = rel if len(rel) <= _SHOWN else sorted({str(Path(r).parent) for r in rel})
+    get = " ".join(targets[:_SHOWN]) + (" ..." if len(targets) > _SHOWN else "")
+    return DataError(
+        f"{root}: {len(rel)} dataset file(s) are broken symlinks, their content not fetched: {shown}; "
+        f"expected the files themselves. Fetch them with `cd {root} && datalad get {get}` "
+        f"(or `git annex get {get}`)"
+    )
+
+
 # --------------------------------------------------------- pickled dicts
 
 
@@ -236,9 +259,15 @@ class Release:
         return sorted(p.name for p in fmri.iterdir() if p.is_dir() and p.name.startswith("sub-") and self.fmri_files(p.name))
 
     def fmri_files(self, subject: str) -> list[Path]:
-        """The subject's ``*_bold.h5`` files, sorted."""
+        """The subject's ``*_bold.h5`` files, sorted. Raises DataError if one is a broken symlink."""
         func = self.root / "fmri" / subject / "func"
-        return sorted(p for p in func.glob("*_bold.h5") if p.is_file()) if func.is_dir() else []
+        if not func.is_dir():
+            return []
+        found = sorted(func.glob("*_bold.h5"))
+        broken = broken_links(found)
+        if broken:
+            raise unfetched_error(self.root, broken)
+        return [p for p in found if p.is_file()]
 
     def fmri_runs(self, subject: str) -> list[FmriRun]:
         """Every run of a subject (all h5 files), in file then key order.
@@ -272,6 +301,8 @@ class Release:
         if name not in TARGET_SETS:
             raise DataError(f"target set {name!r}: expected one of {TARGET_SETS}")
         path = self.root / target_samples_path(subject, name)
+        if broken_links([path]):
+            raise unfetched_error(self.root, [path])
         if not path.is_file():
             raise DataError(f"{path}: target sample number file not found")
         raw = load_pickled_dict(path)
@@ -289,13 +320,17 @@ class Release:
     # --- stimuli
 
     def stimuli(self) -> dict[str, Stimulus]:
-        """Stimulus id -> Stimulus for every video file found under ``stimuli/movies``."""
+        """Stimulus id -> Stimulus for every video file found under ``stimuli/movies``.
+
+        Raises DataError naming the movies and transcripts that are broken symlinks (not fetched).
+        """
         if self._stimuli is None:
             self._stimuli = self._find_stimuli()
         return dict(self._stimuli)
 
     def _find_stimuli(self) -> dict[str, Stimulus]:
         found: dict[str, Stimulus] = {}
+        broken: list[Path] = []
         movies = self.root / "stimuli" / "movies"
         for source in SOURCES:
             base = movies / source
@@ -307,11 +342,20 @@ class Release:
                     continue
                 _, tsv = stimulus_paths(sid, source)
                 transcript = self.root / tsv
+                broken += broken_links([path, transcript])
                 found[sid] = Stimulus(
                     id=sid, source=source, group=group_of(sid), video=path,
                     transcript=transcript if transcript.is_file() else None,
                 )
+        if broken:
+            raise unfetched_error(self.root, broken)
         return found
+
+    def unfetched(self) -> list[Path]:
+        """Every movie, transcript, fMRI and target file of the layout that is a broken symlink."""
+        patterns = ("stimuli/movies/*/*/*.mkv", "stimuli/transcripts/*/*/*.tsv", "fmri/sub-*/func/*_bold.h5",
+                    "fmri/sub-*/target_sample_number/*.npy")
+        return sorted(p for pat in patterns for p in broken_links(self.root.glob(pat)))
 
     def stimulus(self, stimulus_id: str, source: str | None = None) -> Stimulus:
         """The stimulus with this id; DataError naming the expected video path if it is missing."""

@@ -9,6 +9,12 @@ Feature extraction decodes as the reference extractor does (MoviePy piping ffmpe
 ``frames_by_index`` returns the n-th frame of the stream as rgb24, and ``audio_track``
 gives the whole track as int16 PCM at ``decode_rate`` stereo, averaged to mono and
 resampled with julius' ``ResampleFrac`` (windowed sinc).
+
+A truncated or corrupt file keeps the duration its header promises while its packets stop
+early: :meth:`MediaReader.stream_ends` reads where each stream's data really ends (a demux pass,
+nothing decoded), :meth:`MediaReader.check_complete` raises when a stream ends more than a
+tolerance before the container's duration, and the extraction decoders (``frames_by_index``,
+``audio_track``) raise rather than repeat a frame or pad silence past that tolerance.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from mirage.errors import DataError
 # Decode forward from the current position rather than seek when the next
 # requested time is at most this many seconds ahead.
 _SEEK_AHEAD_S = 5.0
+# stream_ends demuxes from this many seconds before the declared end (speed only: the packets up
+# to the end of the file are read whatever the seek lands on).
+_TAIL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,25 @@ class AudioInfo:
     sample_rate: int
     channels: int
     codec: str
+
+
+@dataclass(frozen=True)
+class StreamEnds:
+    """Where the data of each stream ends, against the duration the container declares.
+
+    ``declared``: container duration in seconds (None when the header has none); ``ends``:
+    stream kind ("video", "audio") -> end of its last packet (pts + duration) in seconds from the
+    file start, 0.0 for a stream without any packet.
+    """
+
+    declared: float | None
+    ends: dict[str, float]
+
+    def missing(self) -> dict[str, float]:
+        """Seconds each stream stops short of ``declared`` (0.0 when it reaches it; {} if undeclared)."""
+        if self.declared is None:
+            return {}
+        return {k: max(0.0, self.declared - e) for k, e in self.ends.items()}
 
 
 class MediaReader:
@@ -135,18 +163,71 @@ class MediaReader:
         centis = (int(self._c.duration) + 5000) // 10000  # ffmpeg adds 5 ms, then truncates to 10 ms
         return centis / 100.0
 
+    # --- integrity
+
+    def stream_ends(self) -> StreamEnds:
+        """Where the video and audio packets end (a demux pass over the file's tail, nothing decoded).
+
+        Raises DataError naming the file when the packets do not demux.
+        """
+        declared = self._c.duration / av.time_base if self._c.duration is not None else None
+        kinds = {s.index: s.type for s in (self._v, self._a) if s is not None}
+        tail = max(0.0, (declared or 0.0) - _TAIL_S)
+        ends: dict[str, float | None] = {}
+        if tail > 0:
+            try:
+                ends = self._packet_ends(kinds, tail)
+            except av.error.FFmpegError:
+                ends = {}
+        if not ends or any(e is None for e in ends.values()):  # no seek, or a stream without packets in the tail
+            try:
+                ends = self._packet_ends(kinds, 0.0)
+            except av.error.FFmpegError as e:
+                raise DataError(f"{self.path}: packets do not demux ({e}); the file is truncated or corrupt") from None
+        return StreamEnds(declared, {k: (e if e is not None else 0.0) for k, e in ends.items()})
+
+    def check_complete(self, tolerance_s: float) -> StreamEnds:
+        """Raise DataError when a stream's packets end more than ``tolerance_s`` seconds before the
+        container's duration (a truncated or corrupt file); returns :meth:`stream_ends`."""
+        se = self.stream_ends()
+        short = [f"{kind} data ends at {se.ends[kind]:.2f} s ({gap:.2f} s missing)"
+                 for kind, gap in se.missing().items() if gap > tolerance_s]
+        if short:
+            raise DataError(
+                f"{self.path}: {', '.join(short)} of {se.declared:.2f} s, the file is truncated or corrupt; "
+                f"expected every stream to reach the container's duration within {tolerance_s:g} s"
+            )
+        return se
+
+    def _packet_ends(self, kinds: dict[int, str], start: float) -> dict[str, float | None]:
+        """Stream kind -> end (pts + duration, seconds) of its last packet from ``start`` on; None if none."""
+        ends: dict[str, float | None] = dict.fromkeys(kinds.values())
+        with av.open(str(self.path), mode="r") as c:  # a demuxer of its own: the reader's position is kept
+            if start > 0:
+                c.seek(int((start + self._t0) * av.time_base), backward=True, any_frame=False)
+            for pkt in c.demux([c.streams[i] for i in kinds]):
+                ts = pkt.pts if pkt.pts is not None else pkt.dts
+                if ts is None or pkt.time_base is None:  # the flush packet at the end of each stream
+                    continue
+                end = float((ts + (pkt.duration or 0)) * pkt.time_base) - self._t0
+                kind = kinds[pkt.stream.index]
+                ends[kind] = end if ends[kind] is None else max(ends[kind], end)
+        return ends
+
     # --- video
 
-    def frames_by_index(self, indices) -> np.ndarray:
+    def frames_by_index(self, indices, past_end_s: float = math.inf) -> np.ndarray:
         """Frame number ``k`` of the video stream (counted at its average frame rate) for each index.
 
-        indices: (n,) ints; past the last frame gives the last frame. Returns uint8 (n, H, W, 3) RGB.
+        indices: (n,) ints; past the last frame gives the last frame, up to ``past_end_s`` seconds
+        after the last decodable frame ends (further raises DataError, see :meth:`frames_at`).
+        Returns uint8 (n, H, W, 3) RGB.
         """
         fps = self.video_info.fps
         if fps <= 0:
             raise DataError(f"{self.path}: video frame rate unknown; expected a constant-rate stream")
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return self.frames_at((np.maximum(idx, 0) + 0.5) / fps)  # the middle of frame k's display interval
+        return self.frames_at((np.maximum(idx, 0) + 0.5) / fps, past_end_s)  # the middle of frame k's display interval
 
     def _require_video(self):
         if self._v is None:
@@ -165,10 +246,12 @@ class MediaReader:
         self._c.seek(offset, stream=v, backward=True, any_frame=False)
         return self._c.decode(v)
 
-    def frames_at(self, times) -> np.ndarray:
+    def frames_at(self, times, past_end_s: float = math.inf) -> np.ndarray:
         """The frame shown at each time (the last frame starting at or before it).
 
-        times: (n,) seconds; before the first frame gives the first frame, after the end the last.
+        times: (n,) seconds; before the first frame gives the first frame, after the end the last,
+        unless the time lies more than ``past_end_s`` seconds after the last decodable frame ends:
+        then DataError names the file and the seconds missing (a truncated or corrupt stream).
         Returns uint8 (n, H, W, 3) RGB.
         """
         self._require_video()
@@ -179,12 +262,12 @@ class MediaReader:
             return np.zeros((0, v.height, v.width, 3), np.uint8)
         order = np.argsort(times, kind="stable")
         try:
-            self._fill_frames(times, order, out)
+            self._fill_frames(times, order, out, past_end_s)
         except av.error.FFmpegError as e:
             raise DataError(f"{self.path}: video does not decode ({e})") from None
         return np.stack(out)
 
-    def _fill_frames(self, times: np.ndarray, order: np.ndarray, out: list) -> None:
+    def _fill_frames(self, times: np.ndarray, order: np.ndarray, out: list, past_end_s: float) -> None:
         frames = None
         prev = None  # last decoded frame (time, frame)
         cur = None  # next decoded frame not yet passed
@@ -202,9 +285,24 @@ class MediaReader:
             chosen = prev if prev is not None else cur
             if chosen is None:
                 raise DataError(f"{self.path}: no decodable video frame near {t:.3f} s")
+            if cur is None and t > self._frame_end(chosen) + past_end_s:
+                end = self._frame_end(chosen)
+                raise DataError(
+                    f"{self.path}: video frame at {t:.2f} s requested but the decodable video ends at {end:.2f} s "
+                    f"({t - end:.2f} s missing), the file is truncated or corrupt; expected frames up to "
+                    f"{past_end_s:g} s past the last one"
+                )
             if last is None or last[0] is not chosen[1]:
                 last = (chosen[1], self._rgb.reformat(chosen[1], format="rgb24").to_ndarray())  # (H, W, 3)
             out[idx] = last[1]
+
+    def _frame_end(self, frame: tuple) -> float:
+        """End of a decoded (time, frame)'s display interval in seconds (one frame period without a duration)."""
+        t, f = frame
+        if f.duration and f.time_base is not None:
+            return t + float(f.duration * f.time_base)
+        fps = self.video_info.fps
+        return t + (1.0 / fps if fps > 0 else 0.0)
 
     def _restart(self, t: float):
         """Seek before ``t``; returns (frame iterator, None, first frame). Falls back to the file start."""
@@ -242,13 +340,16 @@ class MediaReader:
             out[lo:hi] = y[lo - first: hi - first]
         return out
 
-    def audio_track(self, decode_rate: int = 44100, rate: int = 16000, duration: float | None = None) -> np.ndarray:
+    def audio_track(
+        self, decode_rate: int = 44100, rate: int = 16000, duration: float | None = None, max_pad_s: float = math.inf
+    ) -> np.ndarray:
         """The whole audio track, mono float32 at ``rate`` Hz, decoded as MoviePy + julius do.
 
         The track is converted to int16 stereo PCM at ``decode_rate`` (ffmpeg's swresample),
         cut or zero-padded to ``round(duration * decode_rate)`` samples (``duration`` defaults to
         :attr:`printed_duration`), scaled by 1/32768, averaged over channels in float64 and cast to
         float32, then resampled to ``rate`` with ``julius.resample.ResampleFrac``.
+        Padding longer than ``max_pad_s`` seconds raises DataError (a truncated or corrupt track).
         Returns (int(rate * n_decoded / decode_rate),).
         """
         import julius
@@ -266,6 +367,12 @@ class MediaReader:
         except av.error.FFmpegError as e:
             raise DataError(f"{self.path}: audio does not decode ({e})") from None
         pcm = np.concatenate(chunks) if chunks else np.zeros((0, 2), np.int16)  # (samples, 2)
+        if n - len(pcm) > max_pad_s * decode_rate:
+            raise DataError(
+                f"{self.path}: audio decodes to {len(pcm) / decode_rate:.2f} s of {n / decode_rate:.2f} s "
+                f"({(n - len(pcm)) / decode_rate:.2f} s missing), the file is truncated or corrupt; expected at most "
+                f"{max_pad_s:g} s of padding"
+            )
         stereo = np.zeros((n, 2), np.int16)
         stereo[: min(n, len(pcm))] = pcm[:n]
         mono = (stereo / 32768.0).mean(axis=1).astype(np.float32)  # (n,)

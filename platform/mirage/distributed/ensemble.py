@@ -13,7 +13,10 @@ the ensemble directory (submissions, the registered model) are refit on every va
 from the exported members. The ensemble run (``mirage.kind=ensemble``) names its members' run
 ids and the weighting rule, holds the weights, the cross-fitted metrics per fold and overall,
 the interpretability artifacts of the best member, and the ensemble directory as one pyfunc
-model registered under ``ensemble.registry_name`` with the alias ``ensemble.alias``.
+model registered under ``ensemble.registry_name``. The alias ``ensemble.alias`` moves to the new
+version only when its held-out score (the cross-fitted ``ensemble_r``) is at least the current
+holder's, or with ``ensemble.promote``; the run's ``mirage.champion_*`` tags record the decision.
+The ensemble directory is built in a unique temporary folder and swapped into place.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from mirage.errors import MirageError
 EPOCH_PREDICTIONS = "val_predictions"
 """MLflow artifact folder of a training run's per-epoch validation predictions."""
 WEIGHTS_FIT_ON = "all validation runs"
+HELDOUT_METRIC = "ensemble_r"
+"""The ensemble's held-out score: cross-fitted, each fold scored by choices made on the other."""
 
 
 @dataclass
@@ -70,6 +75,7 @@ class EnsembleOutcome:
     fit: CrossFit
     metrics: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
+    champion: Any = None  # mirage.tracking.ChampionDecision
 
 
 # -------------------------------------------------------------- validation data
@@ -372,13 +378,16 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
             tracking.log_artifacts(uri, run_id, arrays, "ensemble")
             if cfg.ensemble.analysis:
                 _log_analysis(cfg, loaded[best], runs, targets, subjects, work / "analysis", run_id)
-            version = tracking.log_pyfunc_model(cfg, run_id, out_dir)
+            version = tracking.register_pyfunc_model(cfg, run_id, out_dir)
+            decision = tracking.update_champion(cfg, run_id, version, metrics.get(HELDOUT_METRIC), metric=HELDOUT_METRIC)
         tracking.end_run(uri, run_id, "FINISHED")
     except BaseException as e:
         tracking.end_run(uri, run_id, tracking.status_for(e))
         raise
-    model_uri = f"models:/{cfg.ensemble.registry_name}@{cfg.ensemble.alias}"
-    return EnsembleOutcome(run_id, str(out_dir), model_uri, version, members, cross, metrics, time.time() - t0)
+    reg = cfg.ensemble.registry_name
+    model_uri = f"models:/{reg}@{cfg.ensemble.alias}" if decision.promoted else f"models:/{reg}/{version}"
+    return EnsembleOutcome(run_id, str(out_dir), model_uri, version, members, cross, metrics, time.time() - t0,
+                           champion=decision)
 
 
 def _log_analysis(cfg: Config, member: LoadedMember, runs, targets, subjects, out: Path, run_id: str) -> None:

@@ -64,13 +64,15 @@ def plan(
     cfg: Config, writer: StoreWriter, overwrite: bool, result: ExtractResult, stimuli=None
 ) -> tuple[list[WorkItem], dict[str, StimulusPlan]]:
     """Work items of every stimulus not yet stored (all with ``overwrite``) and their plans;
-    unreadable movies or transcripts fail here."""
+    unreadable movies or transcripts fail here.
+
+    With ``overwrite`` nothing is removed ahead: each stored stimulus is replaced when its new
+    features commit, and keeps its old ones if its recomputation fails.
+    """
     items: list[WorkItem] = []
     plans: dict[str, StimulusPlan] = {}
     for sid, (video, transcript) in stimuli_of(cfg, stimuli).items():
-        if overwrite:
-            writer.forget(sid)
-        elif writer.has(sid):
+        if not overwrite and writer.has(sid):
             result.skipped.append(sid)
             continue
         try:
@@ -89,8 +91,9 @@ def run_extract(
 ) -> ExtractResult:
     """Fill the feature store of ``cfg.features`` with a Ray Data actor pool (connects to Ray if needed).
 
-    Returns an :class:`ExtractResult`; failed stimuli are listed with their errors and leave
-    nothing in the store.
+    Returns an :class:`ExtractResult`; failed stimuli are listed with their errors and add
+    nothing to the store (with ``overwrite``, a stored stimulus whose recomputation fails keeps
+    its old features).
     """
     say = progress or (lambda msg: log.info(msg))
     t0 = time.perf_counter()

@@ -1,53 +1,99 @@
 """Ray Serve app: whole-run predictions over HTTP with the same Predictor as batch prediction.
 
-Routes (JSON responses; every client error is a 4xx with ``{"error": message}``):
+A FastAPI ingress (OpenAPI UI at ``/docs``, schema at ``/openapi.json``); JSON responses, and
+every client error is a 4xx with ``{"error": message}`` naming no server path:
 
-- ``GET /healthz`` -> model source, subjects, parcels, feature store key.
+- ``GET /healthz`` -> model, subjects, parcels, feature store key.
 - ``POST /v1/predict`` with ``{"subject": "sub-01", "stimulus": "s07e01a", "n_trs": 460}``
   (``n_trs`` optional: the TRs the stimulus' features span) -> ``{"subject", "stimulus",
   "shape", "predictions"}`` from the feature store.
-- ``POST /v1/predict/features?subject=sub-01[&n_trs=...][&stimulus=label]`` with an ``.npz``
-  body holding ``features`` (n_frames, 3, n_layers, dim) float16/float32, for stimuli outside
-  the store; read with ``allow_pickle=False``.
+- ``POST /v1/predict/features?subject=sub-01[&n_trs=...][&stimulus=label]`` with an ``.npy``
+  body, or an ``.npz`` holding ``features``, of (n_frames, 3, n_layers, dim) float16/float32,
+  for stimuli outside the store. Shape, dtype and uncompressed size come from the ``.npy``
+  header and are checked before anything is inflated (:mod:`mirage.payload`); no pickle.
 
-With ``Accept: application/x-npy`` the predictions come back as a float32 ``.npy`` body
-(subject, stimulus and shape in ``x-mirage-*`` headers) instead of JSON lists.
+``n_trs`` is bounded by the frames the features cover (``serve.extra_trs`` past them). With
+``Accept: application/x-npy`` the predictions come back as a float32 ``.npy`` body (subject,
+stimulus and shape in ``x-mirage-*`` headers) instead of JSON lists.
 
 Requests are validated one by one, then grouped with ``@serve.batch`` so that the windows of
-several runs share forward passes. Replicas, autoscaling, batch size and the payload limit
-come from ``cfg.serve``; the HTTP proxy binds ``cfg.serve.host`` (127.0.0.1 by default).
+several runs share forward passes. A replica answers 408 to a request not done within
+``serve.request_timeout_s`` (upload included), whatever timeout headers the client sends; the
+HTTP proxy drops it after twice that. Replicas, autoscaling, batch size and the payload
+limits come from ``cfg.serve``; the HTTP proxy binds ``cfg.serve.host`` (127.0.0.1 by default).
 """
 
-from __future__ import annotations
 
 import asyncio
 import io
-import json
-import re
+import logging
+import tempfile
 import time
-import zipfile
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mirage.config import Config, load_config, resolve_paths
-from mirage.errors import DataError, FeatureStoreError, MirageError
+from mirage.config import MODALITIES, Config, load_config, resolve_paths
+from mirage.distributed.serve_api import (
+    FeaturesQuery,
+    Health,
+    HTTPError,
+    PredictRequest,
+    Prediction,
+    error_responses,
+    parse_json_object,
+    redact,
+    validate,
+    validation_message,
+)
+from mirage.errors import DataError, FeatureStoreError, MirageError, PayloadError, PayloadTooLargeError
+from mirage.payload import FeatureSpec, read_features
 from mirage.predictor import Predictor, RunRequest
 
-JSON_FIELDS = {"subject", "stimulus", "n_trs"}
 NPY_MEDIA_TYPE = "application/x-npy"
+ROUTES = {
+    "/healthz": "GET", "/v1/predict": "POST", "/v1/predict/features": "POST", "/docs": "GET", "/openapi.json": "GET",
+}
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(
+    title="MIRAGE",
+    summary="fMRI encoding model predictions: one run per request, batched across requests.",
+    docs_url="/docs",
+    redoc_url=None,
+)
 
 
-class HTTPError(Exception):
-    """A client error: status code and message."""
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(422, validation_message(exc.errors(), list(FeaturesQuery.model_fields)))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    path = request.url.path.rstrip("/") or "/"
+    if exc.status_code == 404:
+        return _error(404, f"no route {path}; expected one of {sorted(ROUTES)}")
+    if exc.status_code == 405:
+        allowed = ROUTES.get(path) or (exc.headers or {}).get("allow", "")
+        return _error(405, f"{path} accepts {allowed}, got {request.method}")
+    return _error(exc.status_code, str(exc.detail))
+
+
+@app.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request %s %s failed", request.method, request.url.path)
+    return _error(500, "internal error; the server log has the details")
 
 
 def open_model_store(predictor: Predictor, store_root: str):
@@ -63,145 +109,9 @@ def open_model_store(predictor: Predictor, store_root: str):
     return store
 
 
-class MirageService:
-    """One Serve replica: a Predictor, the feature store and request validation."""
-
-    def __init__(self, model_uri: str, cfg_tree: dict[str, Any]):
-        cfg = Config.model_validate(cfg_tree)
-        self.cfg = cfg
-        self.max_bytes = int(cfg.serve.max_payload_mb * 1024 * 1024)
-        device = "cuda" if cfg.serve.gpus_per_replica > 0 else "cpu"
-        self.predictor = Predictor.from_uri(
-            model_uri, tracking_uri=cfg.tracking.uri, device=device, window_batch=cfg.serve.window_batch
-        )
-        self.store = open_model_store(self.predictor, cfg.features.store)
-        self.predict_batch.set_max_batch_size(cfg.serve.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
-
-    # -------------------------------------------------------------- routing
-
-    async def __call__(self, request: Request) -> JSONResponse:
-        try:
-            path, method = request.url.path.rstrip("/") or "/", request.method
-            routes = {"/healthz": ("GET", self.health), "/v1/predict": ("POST", self.predict_json),
-                      "/v1/predict/features": ("POST", self.predict_npz)}
-            if path not in routes:
-                raise HTTPError(404, f"no route {path}; expected one of {sorted(routes)}")
-            want, handler = routes[path]
-            if method != want:
-                raise HTTPError(405, f"{path} accepts {want}, got {method}")
-            result = await handler(request)
-            if "predictions" in result and NPY_MEDIA_TYPE in request.headers.get("accept", ""):
-                return _npy_response(result)
-            if "predictions" in result:
-                result["predictions"] = result["predictions"].tolist()
-            return JSONResponse(result)
-        except HTTPError as e:
-            return JSONResponse({"error": e.message}, status_code=e.status)
-        except MirageError as e:
-            return JSONResponse({"error": str(e)}, status_code=422)
-
-    async def health(self, request: Request) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": self.predictor.source,
-            "subjects": self.predictor.subjects,
-            "n_parcels": self.predictor.n_parcels,
-            "feature_key": self.store.key if self.store is not None else None,
-        }
-
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            raise HTTPError(413, f"payload of {declared} bytes exceeds serve.max_payload_mb={self.cfg.serve.max_payload_mb}")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_bytes:
-                raise HTTPError(413, f"payload exceeds serve.max_payload_mb={self.cfg.serve.max_payload_mb}")
-        return body
-
-    # ---------------------------------------------------------------- routes
-
-    async def predict_json(self, request: Request) -> dict[str, Any]:
-        body = await self._body(request)
-        try:
-            req = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPError(400, f"body is not valid JSON ({e}); expected {{\"subject\": ..., \"stimulus\": ...}}") from None
-        if not isinstance(req, dict):
-            raise HTTPError(400, f"expected a JSON object with {sorted(JSON_FIELDS)}, got {type(req).__name__}")
-        unknown = sorted(set(req) - JSON_FIELDS)
-        if unknown:
-            raise HTTPError(400, f"unknown fields {unknown}; expected {sorted(JSON_FIELDS)}")
-        for field in ("subject", "stimulus"):
-            if not isinstance(req.get(field), str):
-                raise HTTPError(400, f"field {field!r} must be a string, got {req.get(field)!r}")
-        subject, stimulus = req["subject"], req["stimulus"]
-        self._check_subject(subject)
-        if self.store is None:
-            raise HTTPError(404, f"no feature store of this model under {self.cfg.features.store}; post features instead")
-        if not self.store.has(stimulus):
-            raise HTTPError(404, f"unknown stimulus {stimulus!r}: not in feature store {self.store.key}")
-        features = self.store.read(stimulus)
-        n_trs = self._n_trs(req.get("n_trs"), features.shape[0])
-        return await self._run(RunRequest(features, subject, n_trs), stimulus)
-
-    async def predict_npz(self, request: Request) -> dict[str, Any]:
-        q = request.query_params
-        unknown = sorted(set(q) - JSON_FIELDS)
-        if unknown:
-            raise HTTPError(400, f"unknown query parameters {unknown}; expected subject, n_trs, stimulus")
-        label = q.get("stimulus")
-        if label is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", label):
-            raise HTTPError(400, "query parameter 'stimulus' (a label) must match [A-Za-z0-9._-]{1,128}")
-        subject = q.get("subject")
-        if not subject:
-            raise HTTPError(400, "query parameter 'subject' is required")
-        self._check_subject(subject)
-        body = await self._body(request)
-        try:
-            with np.load(io.BytesIO(body), allow_pickle=False) as z:
-                if "features" not in z.files:
-                    raise HTTPError(400, f"npz holds {z.files}; expected an array named 'features'")
-                features = z["features"]
-        except HTTPError:
-            raise
-        except ValueError as e:
-            raise HTTPError(400, f"npz array refused ({e}); object arrays are not accepted") from None
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
-            raise HTTPError(400, f"body is not an .npz file ({e})") from None
-        if features.dtype not in (np.float16, np.float32):
-            raise HTTPError(422, f"features: dtype {features.dtype}, expected float16 or float32")
-        n_trs = self._n_trs(q.get("n_trs"), features.shape[0] if features.ndim == 4 else 1)
-        return await self._run(RunRequest(features, subject, n_trs), label)
-
-    # --------------------------------------------------------------- helpers
-
-    def _check_subject(self, subject: str) -> None:
-        if subject not in self.predictor.subjects:
-            raise HTTPError(422, f"unknown subject {subject!r}; expected one of {self.predictor.subjects}")
-
-    def _n_trs(self, value: Any, n_frames: int) -> int:
-        if value is None:
-            return self.predictor.default_n_trs(n_frames)
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
-            raise HTTPError(422, f"n_trs must be an integer in [1, 100000], got {value!r}")
-        return value
-
-    async def _run(self, req: RunRequest, stimulus: str | None) -> dict[str, Any]:
-        try:
-            self.predictor.check_run(req.features, req.subject, req.n_trs)
-        except DataError as e:
-            raise HTTPError(422, str(e)) from None
-        pred = await self.predict_batch(req)
-        return {"subject": req.subject, "stimulus": stimulus, "shape": list(pred.shape), "predictions": pred}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, reqs: list[RunRequest]) -> list[np.ndarray]:
-        return await asyncio.to_thread(self.predictor.predict_runs, reqs)
+def model_label(source: str) -> str:
+    """A model's source as clients may see it: URIs as they are, local directories by name."""
+    return source if source.startswith(("models:/", "runs:/")) else Path(source).name
 
 
 def _npy_response(result: dict[str, Any]) -> Response:
@@ -233,6 +143,170 @@ def deployment_options(cfg: Config) -> dict[str, Any]:
     return opts
 
 
+# Serve freezes the app (and what its routes reference) when the class is decorated: every
+# module-level name the class uses is defined above this line.
+@serve.ingress(app)
+class MirageService:
+    """One Serve replica: a Predictor, the feature store and request validation."""
+
+    def __init__(self, model_uri: str, cfg_tree: dict[str, Any]):
+        cfg = Config.model_validate(cfg_tree)
+        self.cfg = cfg
+        s = cfg.serve
+        self.max_bytes = int(s.max_payload_mb * 1024 * 1024)
+        self.max_json_bytes = int(s.max_json_kb * 1024)
+        self.max_array_bytes = int(s.max_uncompressed_mb * 1024 * 1024)
+        device = "cuda" if s.gpus_per_replica > 0 else "cpu"
+        self.predictor = Predictor.from_uri(
+            model_uri, tracking_uri=cfg.tracking.uri, device=device, window_batch=s.window_batch
+        )
+        self.spec = FeatureSpec(len(MODALITIES), self.predictor.min_layers, self.predictor.dim)
+        self.store = open_model_store(self.predictor, cfg.features.store)
+        self.server_roots = [
+            cfg.features.store, cfg.data.root, cfg.outputs, model_uri, self.predictor.source,
+            str(self.store.root) if self.store is not None else "", tempfile.gettempdir(), str(Path.home()),
+        ]
+        self.predict_batch.set_max_batch_size(s.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+
+    # ---------------------------------------------------------------- routes
+
+    @app.get("/healthz", response_model=Health, summary="Model, subjects and feature store of this server.")
+    async def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": model_label(self.predictor.source),
+            "subjects": self.predictor.subjects,
+            "n_parcels": self.predictor.n_parcels,
+            "feature_key": self.store.key if self.store is not None else None,
+        }
+
+    @app.post(
+        "/v1/predict",
+        summary="Predict a run of a stimulus in the model's feature store.",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": PredictRequest.model_json_schema()}}}},
+        responses={200: {"model": Prediction}, **error_responses(400, 404, 408, 413, 422)},
+    )
+    async def predict(self, request: Request) -> Response:
+        return await self._answer(request, self._predict_stored(request))
+
+    @app.post(
+        "/v1/predict/features",
+        summary="Predict a run from posted features: an .npy body, or an .npz holding 'features'.",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+        responses={200: {"model": Prediction}, **error_responses(400, 408, 413, 422)},
+    )
+    async def predict_features(self, request: Request, query: Annotated[FeaturesQuery, Query()]) -> Response:
+        return await self._answer(request, self._predict_posted(request, query))
+
+    # ------------------------------------------------------------- handlers
+
+    async def _predict_stored(self, request: Request) -> dict[str, Any]:
+        fields = list(PredictRequest.model_fields)
+        body = await self._body(request, self.max_json_bytes, f"serve.max_json_kb={self.cfg.serve.max_json_kb}")
+        req = validate(PredictRequest, parse_json_object(body, fields))
+        self._check_subject(req.subject)
+        if self.store is None:
+            raise HTTPError(
+                404, "this server holds no feature store of its model; post features to /v1/predict/features"
+            )
+        if not self.store.has(req.stimulus):
+            raise HTTPError(404, f"unknown stimulus {req.stimulus!r}: not in feature store {self.store.key}")
+        try:
+            features = self.store.read(req.stimulus)
+        except FeatureStoreError:
+            logger.exception("feature store read of %r failed", req.stimulus)
+            raise HTTPError(500, f"stimulus {req.stimulus!r}: the server's stored features are unreadable") from None
+        n_trs = self._n_trs(req.n_trs, features.shape[0])
+        return await self._run(RunRequest(features, req.subject, n_trs), req.stimulus)
+
+    async def _predict_posted(self, request: Request, query: FeaturesQuery) -> dict[str, Any]:
+        self._check_subject(query.subject)
+        body = await self._body(request, self.max_bytes, f"serve.max_payload_mb={self.cfg.serve.max_payload_mb}")
+        features = read_features(body, self.spec, self.max_array_bytes)
+        n_trs = self._n_trs(query.n_trs, features.shape[0])
+        return await self._run(RunRequest(features, query.subject, n_trs), query.stimulus)
+
+    async def _answer(self, request: Request, work) -> Response:
+        """Run a handler within ``serve.request_timeout_s``; client errors become 4xx envelopes."""
+        timeout = self.cfg.serve.request_timeout_s
+        try:
+            result = await asyncio.wait_for(work, timeout)
+        except TimeoutError:
+            return _error(408, f"request not completed within serve.request_timeout_s={timeout}")
+        except HTTPError as e:
+            return _error(e.status, redact(e.message, self.server_roots))
+        except PayloadTooLargeError as e:
+            return _error(413, redact(str(e), self.server_roots))
+        except PayloadError as e:
+            return _error(400, redact(str(e), self.server_roots))
+        except DataError as e:
+            return _error(422, redact(str(e), self.server_roots))
+        except MirageError:
+            logger.exception("request %s failed", request.url.path)
+            return _error(500, "internal error; the server log has the details")
+        if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
+            return _npy_response(result)
+        result["predictions"] = result["predictions"].tolist()
+        return JSONResponse(result)
+
+    async def _body(self, request: Request, limit: int, setting: str) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isascii() or not declared.isdigit() or int(declared) > limit):
+            raise HTTPError(413, f"payload of {declared[:20]} bytes exceeds {setting}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"payload exceeds {setting}")
+        return b"".join(chunks)
+
+    # --------------------------------------------------------------- helpers
+
+    def _check_subject(self, subject: str) -> None:
+        if subject not in self.predictor.subjects:
+            raise HTTPError(422, f"unknown subject {subject!r}; expected one of {self.predictor.subjects}")
+
+    def _n_trs(self, value: int | None, n_frames: int) -> int:
+        """``value`` (None: the TRs the frames span), at most ``serve.extra_trs`` past those."""
+        spanned = self.predictor.default_n_trs(n_frames)
+        if value is None:
+            return spanned
+        most = spanned + self.cfg.serve.extra_trs
+        if value > most:
+            raise HTTPError(
+                422,
+                f"n_trs={value}: {n_frames} feature frames span {spanned} TRs; expected at most {most} "
+                f"(serve.extra_trs={self.cfg.serve.extra_trs})",
+            )
+        return value
+
+    async def _run(self, req: RunRequest, stimulus: str | None) -> dict[str, Any]:
+        try:
+            self.predictor.check_run(req.features, req.subject, req.n_trs)
+        except DataError as e:
+            raise HTTPError(422, str(e)) from None
+        pred = await self.predict_batch(req)
+        return {"subject": req.subject, "stimulus": stimulus, "shape": list(pred.shape), "predictions": pred}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, reqs: list[RunRequest]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self.predictor.predict_runs, reqs)
+
+
+def http_options(cfg: Config) -> dict[str, Any]:
+    """Ray's HTTP proxy options: bind address and a backstop timeout (twice the replica's).
+
+    A client can lift the proxy's timeout with Ray's ``x-request-timeout-seconds`` header; the
+    replica's own ``serve.request_timeout_s`` still holds.
+    """
+    s = cfg.serve
+    return {"host": s.host, "port": s.port, "request_timeout_s": 2 * s.request_timeout_s}
+
+
 def make_app(cfg: Config, model_uri: str):
     """The bound Serve application for ``model_uri`` with a resolved config."""
     dep = serve.deployment(MirageService, name="mirage", **deployment_options(cfg))
@@ -259,7 +333,7 @@ def run_server(cfg: Config, model_uri: str, blocking: bool = True) -> str:
     from mirage.distributed.cluster import init_ray
 
     init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options=http_options(cfg))
     serve.run(make_app(cfg, model_uri), name="mirage", route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     if blocking:

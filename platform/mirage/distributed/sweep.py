@@ -14,7 +14,9 @@ waits forever for its workers.
 Resume: the Tune state lives in ``<train.storage>/<sweep.name>``; running the same sweep again
 restores it with ``Tuner.restore`` (finished trials are kept, unfinished ones restart and their
 Train runs resume from their last checkpoint, because each trial's Train run is named after the
-trial id). The MLflow parent run id is kept beside it (``<sweep.name>.mirage.json``) and reused.
+trial id). The MLflow parent run id is kept beside it (``<sweep.name>.mirage.json``, see
+:mod:`mirage.distributed.sweep_state`) with the hash of the sweep's defining config: a resume, or a
+rerun of a finished sweep, with another config is refused and the differing keys are named.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mirage.config import Config, ConfigError, ParamSpec
+from mirage.distributed import sweep_state
 from mirage.errors import MirageError
 
 TRIAL_TAG = "mirage.trial_id"
@@ -117,11 +120,20 @@ class SweepResult:
         return r[0] if r else None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2, default=str))
+        """Write the result as JSON (atomically)."""
+        from mirage.atomic import write_text
+
+        write_text(path, json.dumps(asdict(self), indent=2, default=str))
 
     @classmethod
     def load(cls, path: str | Path) -> "SweepResult":
-        d = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SweepResult":
+        """From a saved dict; keys that are not fields (the sweep state's config, hash) are ignored."""
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
         d["trials"] = [TrialInfo(**t) for t in d.get("trials", [])]
         return cls(**d)
 
@@ -132,16 +144,18 @@ def experiment_path(cfg: Config) -> Path:
 
 
 def state_path(cfg: Config) -> Path:
-    """Side file holding the MLflow parent run id and, once done, the trial summary."""
-    return Path(cfg.train.storage) / f"{cfg.sweep.name}.mirage.json"
+    """Side file holding the MLflow parent run id, the config hash and, once done, the trial summary."""
+    return sweep_state.state_path(cfg)
 
 
 def load_sweep(cfg: Config) -> SweepResult:
-    """The summary of a sweep that ran to the end, or a clear error."""
+    """The summary of a sweep that ran to the end with this config, or a clear error."""
     p = state_path(cfg)
     if not p.is_file():
         raise MirageError(f"no finished sweep {cfg.sweep.name!r} under {cfg.train.storage} ({p} missing): run `mirage sweep` first")
-    res = SweepResult.load(p)
+    state = sweep_state.read_state(cfg)
+    sweep_state.check_same_config(cfg, state)
+    res = SweepResult.from_dict(state)
     if not res.trials:
         raise MirageError(f"sweep {cfg.sweep.name!r} ({p}) has no trials recorded: rerun `mirage sweep` to finish it")
     return res
@@ -311,21 +325,23 @@ def run_sweep(cfg: Config) -> SweepResult:
     from ray import tune
 
     from mirage import tracking
+    from mirage.distributed.cluster import check_cluster_gpus
 
+    check_cluster_gpus(cfg, "train")  # every trial's Train workers would wait forever for missing GPUs
     t0 = time.time()
     uri = cfg.tracking.uri
-    path, side = experiment_path(cfg), state_path(cfg)
+    path = experiment_path(cfg)
     restore = tune.Tuner.can_restore(str(path))
-    state = json.loads(side.read_text()) if side.is_file() else {}
+    state = sweep_state.read_state(cfg) if restore else {}
+    sweep_state.check_same_config(cfg, state)  # resuming, or reusing a finished sweep, needs the same config
     if restore and state.get("trials") and state.get("parent_run_id"):
-        return SweepResult.load(side)  # finished before: nothing to rerun
+        return SweepResult.from_dict(state)  # finished before: nothing to rerun
     parent = state.get("parent_run_id") if restore else None
     if parent and tracking.reopen_run(uri, parent):
         tracking.close_stale_children(cfg.tracking, parent)  # trials cut off by the interruption
     else:
         parent = tracking.start_run(cfg, "sweep", cfg.sweep.name, tags={SWEEP_TAG: cfg.sweep.name})
-    side.parent.mkdir(parents=True, exist_ok=True)
-    side.write_text(json.dumps({"name": cfg.sweep.name, "parent_run_id": parent}))
+    sweep_state.write_state(cfg, {"parent_run_id": parent})
     status = "FAILED"
     res = SweepResult(cfg.sweep.name, parent, str(path), cfg.sweep.metric, cfg.sweep.mode)
     try:
@@ -351,8 +367,9 @@ def run_sweep(cfg: Config) -> SweepResult:
             tracking.log_artifacts(uri, parent, tmp, "sweep")
         metrics = {f"best_{cfg.sweep.metric}": best.best, "n_trials": len(res.trials), "wall_s": res.wall_s}
         tracking.log_metrics(uri, parent, metrics, step=0)
-        tracking.set_tags(uri, parent, {"mirage.best_trial": best.trial_id, "mirage.best_run": best.run_id or ""})
-        res.save(side)
+        tracking.set_tags(uri, parent, {"mirage.best_trial": best.trial_id, "mirage.best_run": best.run_id or "",
+                                        "mirage.config_hash": sweep_state.config_hash(sweep_state.defining_config(cfg))})
+        sweep_state.write_state(cfg, asdict(res))
         status = "FINISHED"
         return res
     except KeyboardInterrupt:

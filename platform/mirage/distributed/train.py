@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,29 +86,45 @@ class RaySession:
         if ckpt is not None:
             return _as_path(ckpt.as_directory())
         # A worker that dies right after persisting a checkpoint can take its report with it
-        # before the controller registers it; the files are complete all the same.
+        # before the controller registers it; a checkpoint marked complete is whole all the same.
         return contextlib.nullcontext(latest_complete_checkpoint(self.run_dir) if self.run_dir else None)
 
     def report(self, metrics: dict[str, Any], write) -> None:
+        """Persist this rank's files through ``ray.train.report``, then rank 0 marks the folder complete.
+
+        ``ray.train.report`` returns on a rank once its own files are uploaded; after a barrier every
+        rank's are, and rank 0 writes ``COMPLETE`` into the persisted ``<run_dir>/epoch_NNNN``.
+        A folder left there by an earlier attempt at the same epoch is removed first.
+        """
         import ray.train
 
+        from mirage.train.loop import barrier, mark_complete
+
+        name = f"epoch_{int(metrics['epoch']):04d}"
+        persisted = self.run_dir / name if self.run_dir else None
+        if persisted is not None and self.rank == 0 and persisted.exists():
+            shutil.rmtree(persisted)
+        barrier()
         with tempfile.TemporaryDirectory(prefix="mirage-ckpt-") as d:
             write(Path(d))
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"epoch_{int(metrics['epoch']):04d}",
-            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        barrier()
+        if persisted is not None and self.rank == 0 and persisted.is_dir():
+            mark_complete(persisted, int(metrics["epoch"]), self.world_size)
 
 
 def latest_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest ``epoch_NNNN`` folder under ``run_dir`` whose every shard and state file is on disk."""
+    """The newest ``epoch_NNNN`` folder under ``run_dir`` marked ``COMPLETE`` whose every shard is on disk.
+
+    The marker is written last (:meth:`RaySession.report`), so a folder without it may be
+    missing files of any rank, the exported model or the loop state.
+    """
     from torch.distributed.checkpoint import FileSystemReader
 
-    from mirage.train.loop import STATE_FILE
+    from mirage.train.loop import STATE_FILE, is_complete
 
     for d in sorted(run_dir.glob("epoch_[0-9][0-9][0-9][0-9]"), reverse=True):
-        if not (d / STATE_FILE).is_file() or not (d / ".metadata").is_file():
+        if not is_complete(d) or not (d / STATE_FILE).is_file() or not (d / ".metadata").is_file():
             continue
         try:
             files = {s.relative_path for s in FileSystemReader(str(d)).read_metadata().storage_data.values()}
@@ -212,9 +229,10 @@ def run_training(
         track: open an MLflow run (``False``: Ray only).
     """
     from mirage import tracking as trk
-    from mirage.distributed.cluster import init_ray
+    from mirage.distributed.cluster import check_cluster_gpus, init_ray
 
     init_ray(cfg.ray)
+    check_cluster_gpus(cfg, "train")  # a GPU request the cluster can never meet would wait forever
     name = name or run_name(cfg)
     run_dir = Path(cfg.train.storage) / name
     trainer_cbs = list(callbacks or []) + list(run_config_callbacks or [])

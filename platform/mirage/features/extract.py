@@ -73,7 +73,8 @@ def plan_stimulus(video: str | Path, transcript: str | Path | None, cfg: Feature
     """Plan a stimulus from its media facts and transcript (nothing is decoded).
 
     Without words (no transcript, or none in it) text is all zeros, as long as the longest of the
-    transcript, the audio and the video.
+    transcript, the audio and the video. A movie whose packets end more than
+    ``cfg.media_tolerance_s`` before its declared duration (truncated or corrupt) raises DataError.
     """
     from mirage.data.media import MediaReader
 
@@ -81,6 +82,7 @@ def plan_stimulus(video: str | Path, transcript: str | Path | None, cfg: Feature
         vision_s = float(m.printed_duration)
         fps = float(m.video_info.fps)
         has_audio = m.has_audio
+        m.check_complete(cfg.media_tolerance_s)
     if vision_s <= 0:
         raise DataError(f"{video}: duration {vision_s} s; expected a movie longer than 0 s")
     n_decoded = int(round(vision_s * cfg.audio_decode_rate)) if has_audio else 0
@@ -245,7 +247,8 @@ class Extractor:
             from mirage.data.media import MediaReader
 
             with MediaReader(plan.video) as m:
-                track = m.audio_track(self.cfg.audio_decode_rate, self.cfg.audio_rate, plan.vision_s)
+                track = m.audio_track(self.cfg.audio_decode_rate, self.cfg.audio_rate, plan.vision_s,
+                                      max_pad_s=self.cfg.media_tolerance_s)
             if len(track) != plan.audio_samples:
                 raise DataError(f"{plan.video}: decoded {len(track)} audio samples, the plan expects {plan.audio_samples}")
             self._audio = (plan.video, track)
@@ -264,7 +267,7 @@ class Extractor:
         indices = [frame_indices(video_times(p.cutoff, cfg, plan.vision_s), plan.vision_s, plan.fps) for p in passes]
         wanted = np.unique(np.concatenate(indices)) if indices else np.zeros(0, np.int64)
         with MediaReader(plan.video) as m:
-            decoded = m.frames_by_index(wanted)  # (n_unique, H, W, 3)
+            decoded = m.frames_by_index(wanted, past_end_s=cfg.media_tolerance_s)  # (n_unique, H, W, 3)
         where = {int(k): i for i, k in enumerate(wanted)}
         videos = [decoded[[where[int(k)] for k in idx]] for idx in indices]  # each (n_f, H, W, 3)
         ranges = [audio_range(p.cutoff, cfg, len(audio)) if audio is not None else (0, 0) for p in passes]
@@ -356,26 +359,30 @@ def stimuli_of(cfg: Config, stimuli: Iterable[str] | None = None) -> dict[str, t
 
 
 def extract_all(
-    cfg: Config, stimuli: Iterable[str] | None = None, overwrite: bool = False, extractor: Extractor | None = None
+    cfg: Config, stimuli: Iterable[str] | None = None, overwrite: bool = False, extractor: Extractor | None = None,
+    progress: bool = False,
 ) -> ExtractResult:
     """Extract every missing stimulus in this process and write the store; failures are collected.
+
+    ``progress``: show the stimuli done on stderr (:func:`mirage.progress.tracked`).
 
     Returns an :class:`ExtractResult`; a stimulus that fails (e.g. an undecodable movie) is listed
     in ``failed`` with its error and leaves nothing in the store.
     """
     t0 = time.perf_counter()
     with StoreWriter(cfg.features) as writer:
-        result = _extract_missing(cfg, writer, stimuli, overwrite, extractor)
+        result = _extract_missing(cfg, writer, stimuli, overwrite, extractor, progress)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _extract_missing(cfg: Config, writer: StoreWriter, stimuli, overwrite: bool, extractor) -> ExtractResult:
+def _extract_missing(cfg: Config, writer: StoreWriter, stimuli, overwrite: bool, extractor,
+                     progress: bool = False) -> ExtractResult:
+    from mirage.progress import tracked
+
     result = ExtractResult(store=writer.root)
-    for sid, (video, transcript) in stimuli_of(cfg, stimuli).items():
-        if overwrite:
-            writer.forget(sid)
-        elif writer.has(sid):
+    for sid, (video, transcript) in tracked(stimuli_of(cfg, stimuli).items(), "extract", progress, name=lambda i: i[0]):
+        if not overwrite and writer.has(sid):  # overwrite: the old features stay until the new ones commit
             result.skipped.append(sid)
             continue
         part = None

@@ -15,6 +15,11 @@ The key hashes backbone id + revision + every extraction parameter, so features 
 other parameters live elsewhere; a manifest whose parameters differ from the config is refused.
 Arrays appear atomically (written to a temporary name, fsynced, renamed) and are recorded in the
 manifest (shape, checksum) only after the rename: a stimulus counts as stored when both exist.
+Recomputing a stored stimulus (``--overwrite``) replaces it at commit: its old array stays readable
+until the new one is complete, then the rename swaps it in. The manifest names the swap under
+``replacing`` before the rename and records the new entry after it, so a writer opened after a crash
+between the two steps settles the entry from the file's checksum.
+A writer that records no stimulus removes the manifest, lock and directories it created.
 """
 
 from __future__ import annotations
@@ -245,6 +250,12 @@ class FeatureStore:
                 problems[sid] = f"{path}: checksum differs from the manifest"
         for tmp in self.root.glob("*.tmp-*"):
             problems[tmp.name] = f"{tmp}: leftover partial file"
+        for sid in self.manifest.get("replacing", {}):
+            problems[sid] = f"{self.path(sid)}: replacement cut short; run `mirage extract` to settle it"
+        if not self.manifest.get("stimuli"):
+            problems[MANIFEST] = (
+                f"{self.root / MANIFEST}: the store holds no stimulus; expected at least one (run `mirage extract`)"
+            )
         return problems
 
 
@@ -258,7 +269,11 @@ class StoreWriter:
     def __init__(self, cfg: FeaturesConfig):
         self.cfg = cfg
         self.root = store_path(cfg)
+        self._made_dirs = [p for p in (self.root, *self.root.parents) if not p.exists()]  # deepest first
+        self._made_manifest = False
+        self._open_parts: dict[int, PartialWrite] = {}  # begun, neither committed nor aborted
         self.root.mkdir(parents=True, exist_ok=True)
+        self._made_lock = not (self.root / ".lock").exists()
         self._lock = open(self.root / ".lock", "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -269,6 +284,7 @@ class StoreWriter:
             ) from None
         try:
             self._open_manifest(cfg)
+            self._settle_replacements()
         except BaseException:
             self.close()
             raise
@@ -298,11 +314,42 @@ class StoreWriter:
                 "stimuli": {},
             }
             _write_json_atomic(path, self.manifest)
+            self._made_manifest = True
+
+    def _settle_replacements(self) -> None:
+        """Finish or undo a replacement cut short between the rename and the manifest update."""
+        replacing = self.manifest.pop("replacing", None)
+        if not replacing:
+            return
+        for sid, new in replacing.items():
+            path = self.root / f"{sid}.npy"
+            digest = file_sha256(path) if path.is_file() else None
+            old = self.manifest["stimuli"].get(sid)
+            if digest == new["sha256"]:
+                self.manifest["stimuli"][sid] = new
+            elif old is None or digest != old["sha256"]:
+                self.manifest["stimuli"].pop(sid, None)  # neither version on disk: recomputed by the next run
+        _write_json_atomic(self.root / MANIFEST, self.manifest)
 
     def close(self) -> None:
-        """Release the store's lock."""
-        if not self._lock.closed:
+        """Drop unfinished partial writes and release the store's lock; a store this writer created
+        and left empty is removed."""
+        if self._lock.closed:
+            return
+        for part in list(self._open_parts.values()):
+            part.abort()
+        if self._made_manifest and not self.manifest["stimuli"]:
+            (self.root / MANIFEST).unlink(missing_ok=True)
+            if self._made_lock:
+                (self.root / ".lock").unlink(missing_ok=True)
             self._lock.close()
+            for d in self._made_dirs:
+                try:
+                    d.rmdir()  # only while empty
+                except OSError:
+                    break
+            return
+        self._lock.close()
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -349,28 +396,36 @@ class StoreWriter:
             known = self.manifest.get(name)
             if known is not None and known != value:
                 raise FeatureStoreError(f"{stimulus_id}: {name}={value}, but the store at {self.root} has {known}")
-        return PartialWrite(self, stimulus_id, shape, frames)
+        part = PartialWrite(self, stimulus_id, shape, frames)
+        self._open_parts[id(part)] = part
+        return part
 
-    def _record(self, stimulus_id: str, path: Path, shape: tuple[int, ...], frames: dict[str, int]) -> None:
-        self.manifest["n_layers"], self.manifest["dim"] = int(shape[2]), int(shape[3])
-        self.manifest["stimuli"][stimulus_id] = {
-            "shape": list(shape),
-            "frames": dict(frames),
-            "sha256": file_sha256(path),
-            "bytes": path.stat().st_size,
-        }
-        _write_json_atomic(self.root / MANIFEST, self.manifest)
+    def _swap_in(self, stimulus_id: str, tmp: Path, shape: tuple[int, ...], frames: dict[str, int]) -> Path:
+        """Rename the finished ``tmp`` onto the stimulus's file and record it in the manifest.
 
-    def forget(self, stimulus_id: str) -> None:
-        """Drop a stimulus (``--overwrite``): out of the manifest first, then off the disk."""
-        if self.manifest["stimuli"].pop(stimulus_id, None) is not None:
+        A stored stimulus stays readable until the rename; its swap is named in the manifest first.
+        """
+        path = self.root / f"{stimulus_id}.npy"
+        entry = {"shape": list(shape), "frames": dict(frames), "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size}
+        replacing = stimulus_id in self.manifest["stimuli"]
+        if replacing:
+            self.manifest.setdefault("replacing", {})[stimulus_id] = entry
             _write_json_atomic(self.root / MANIFEST, self.manifest)
-        (self.root / f"{stimulus_id}.npy").unlink(missing_ok=True)
+        os.replace(tmp, path)
+        self.manifest["n_layers"], self.manifest["dim"] = int(shape[2]), int(shape[3])
+        self.manifest["stimuli"][stimulus_id] = entry
+        if replacing:
+            self.manifest["replacing"].pop(stimulus_id)
+            if not self.manifest["replacing"]:
+                del self.manifest["replacing"]
+        _write_json_atomic(self.root / MANIFEST, self.manifest)
+        return path
 
 
 class PartialWrite:
     """A stimulus being written: features gather in a float32 scratch file ``<id>.f32.tmp-<pid>``;
-    ``commit`` casts them to float16 into ``<id>.npy.tmp-<pid>`` and renames that into place."""
+    ``commit`` casts them to float16 into ``<id>.npy.tmp-<pid>`` and renames that into place (over a
+    stored version of the stimulus, which stays readable until then)."""
 
     def __init__(self, writer: StoreWriter, stimulus_id: str, shape: tuple[int, ...], frames: dict[str, int]):
         self.writer, self.stimulus_id, self.shape, self.frames = writer, stimulus_id, shape, frames
@@ -430,10 +485,10 @@ class PartialWrite:
         del out
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
         self._drop_scratch()
-        self.writer._record(self.stimulus_id, self.path, self.shape, self.frames)
-        return self.path
+        path = self.writer._swap_in(self.stimulus_id, self.tmp, self.shape, self.frames)
+        self.writer._open_parts.pop(id(self), None)
+        return path
 
     def _drop_scratch(self) -> None:
         self.__dict__.pop("_arr", None)
@@ -443,6 +498,7 @@ class PartialWrite:
         """Drop the temporary files."""
         self._drop_scratch()
         self.tmp.unlink(missing_ok=True)
+        self.writer._open_parts.pop(id(self), None)
 
 
 def _check_params(root: Path, manifest: dict[str, Any], params: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,26 @@ from mirage.valpred import predict_validation
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
 VAL_R_FILE = "val_r.npy"
+COMPLETE_FILE = "COMPLETE"
+"""Marker written last into an epoch checkpoint, once every rank's files are on disk."""
+
+
+def mark_complete(path: Path, epoch: int, world_size: int) -> None:
+    """Write ``COMPLETE`` into an epoch checkpoint folder (atomically); call after every rank has written.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (a checkpoint that was never persisted is not marked).
+    """
+    from mirage.atomic import write_text
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no checkpoint folder to mark complete")
+    write_text(Path(path) / COMPLETE_FILE, json.dumps({"epoch": int(epoch), "world_size": int(world_size)}))
+
+
+def is_complete(path: Path) -> bool:
+    """True when the epoch checkpoint in ``path`` carries its ``COMPLETE`` marker."""
+    return (Path(path) / COMPLETE_FILE).is_file()
 
 
 class Session(Protocol):
@@ -294,6 +315,10 @@ def _export(path: Path, cfg: Config, ds: WindowDataset, model, full: dict | None
 class LocalSession:
     """A session without Ray: checkpoints in ``root/epoch_NNNN`` (shared by all ranks), resume from the latest.
 
+    A checkpoint counts only once it carries its ``COMPLETE`` marker, which rank 0 writes after
+    every rank has written its files; an epoch folder left half-written by a crash is ignored on
+    resume and rewritten from scratch when that epoch is trained again.
+
     Used by the plain in-process loop (tests, benchmarks) and by ``torchrun`` launches.
     """
 
@@ -306,7 +331,8 @@ class LocalSession:
         self.reports: list[dict[str, Any]] = []
 
     def latest(self) -> Path | None:
-        done = sorted(p for p in self.root.glob("epoch_*") if (p / STATE_FILE).is_file())
+        """The newest ``epoch_NNNN`` folder marked complete, or None."""
+        done = sorted(p for p in self.root.glob("epoch_[0-9][0-9][0-9][0-9]") if is_complete(p))
         return done[-1] if done else None
 
     def restore(self) -> contextlib.AbstractContextManager[Path | None]:
@@ -315,7 +341,17 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], write: Callable[[Path], None]) -> None:
         path = self.root / f"epoch_{int(metrics['epoch']):04d}"
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an earlier attempt at this epoch that never completed
+        barrier()
         write(path)
-        if fsdp.is_distributed():
-            dist.barrier()
+        barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            mark_complete(path, int(metrics["epoch"]), self.world_size)
         self.reports.append(metrics)
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if fsdp.is_distributed():
+        dist.barrier()
