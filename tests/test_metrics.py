@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr
 
+from mirage.data.fmri import zscore
 from mirage.errors import DataError
 from mirage.metrics import (
     algonauts_score,
@@ -81,6 +82,100 @@ def test_torch_matches_numpy(xy):
     assert r.shape == (2, 7)
     (-r.mean()).backward()
     assert torch.isfinite(xb.grad).all()
+
+
+def _twin_data(rng, shape, dtype):
+    """pred, target (..., T, P) of ``dtype``; column 1 of pred, column 2 of target and column 3 of both constant."""
+    y = rng.standard_normal(shape)
+    x = 0.4 * y + rng.standard_normal(shape)
+    x[..., 1] = 0.1
+    y[..., 2] = -1234.5
+    x[..., 3], y[..., 3] = 3.0, 7.0
+    return x.astype(dtype), y.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(60, 6), (3, 40, 6)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_numpy_and_torch_twins_agree(dtype, shape, masked):
+    """Same r from both twins, masked or not, float32 or float64, constant columns ~0 in both."""
+    rng = np.random.default_rng(5)
+    x, y = _twin_data(rng, shape, dtype)
+    mask = rng.random(shape[:-1]) > 0.3 if masked else None
+    r_np = pearson_r(x, y, mask)
+    r_t = pearson_r_torch(torch.from_numpy(x), torch.from_numpy(y), None if mask is None else torch.from_numpy(mask))
+    assert r_t.dtype == torch.from_numpy(x).dtype and r_np.dtype == np.float64
+    assert r_np.shape == tuple(r_t.shape) == shape[:-2] + (shape[-1],)
+    atol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(r_t.numpy(), r_np, rtol=0, atol=atol)
+    np.testing.assert_allclose(r_np[..., 1:4], 0.0, atol=atol)
+    assert np.abs(r_np[..., [0, 4, 5]]).min() > 1e-3  # the other columns are real correlations
+    # both against scipy, one column at a time over the rows that count
+    xs, ys = x.reshape(-1, *shape[-2:]), y.reshape(-1, *shape[-2:])  # (B, T, P)
+    ms = np.ones(xs.shape[:2], bool) if mask is None else mask.reshape(xs.shape[:2])
+    for b in range(len(xs)):
+        for j in (0, 4, 5):
+            expected = pearsonr(xs[b, ms[b], j].astype(np.float64), ys[b, ms[b], j].astype(np.float64)).statistic
+            np.testing.assert_allclose(r_np.reshape(-1, shape[-1])[b, j], expected, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(r_t.numpy().reshape(-1, shape[-1])[b, j], expected, rtol=0, atol=atol)
+
+
+def test_twins_masked_rows_do_not_matter_and_empty_mask_gives_zero():
+    rng = np.random.default_rng(6)
+    x, y = _twin_data(rng, (2, 30, 6), np.float64)
+    mask = np.ones((2, 30), bool)
+    mask[0, ::4] = False
+    mask[1] = False  # no row counts
+    x2 = x.copy()
+    x2[~mask] = 1e6
+    for xx in (x, x2):
+        r_np = pearson_r(xx, y, mask)
+        r_t = pearson_r_torch(torch.from_numpy(xx), torch.from_numpy(y), torch.from_numpy(mask)).numpy()
+        np.testing.assert_allclose(r_t, r_np, rtol=0, atol=1e-10)
+        assert np.all(r_np[1] == 0.0) and np.all(r_t[1] == 0.0)
+    np.testing.assert_allclose(pearson_r(x2, y, mask), pearson_r(x, y, mask), rtol=0, atol=1e-10)
+
+
+def test_streaming_accumulator_agrees_with_twins():
+    """The training loop's one-pass r (sums that add across ranks) equals the two-pass twins."""
+    from mirage.train.steps import PearsonAccumulator
+
+    rng = np.random.default_rng(7)
+    x, y = _twin_data(rng, (4, 25, 6), np.float32)
+    mask = rng.random((4, 25)) > 0.2
+    acc = PearsonAccumulator(1, 6)
+    for b in range(4):  # one window per batch
+        acc.update(torch.from_numpy(x[b:b + 1]), torch.from_numpy(y[b:b + 1]), torch.from_numpy(mask[b:b + 1]),
+                   torch.zeros(1, dtype=torch.long))
+    rows = mask.reshape(-1)
+    r_np = pearson_r(x.reshape(-1, 6), y.reshape(-1, 6), rows)
+    np.testing.assert_allclose(acc.compute().numpy()[0], r_np, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_zscore_matches_scipy_for_both_conventions(ddof):
+    """Training targets use ddof 1, scoring targets ddof 0; constant parcels become 0."""
+    from scipy.stats import zscore as scipy_zscore
+
+    rng = np.random.default_rng(8)
+    y = (rng.standard_normal((40, 5)) * 3 + 2).astype(np.float32)
+    y[:, 4] = 0.25
+    z = zscore(y, ddof=ddof)
+    assert z.dtype == np.float32
+    np.testing.assert_allclose(z[:, :4], scipy_zscore(y[:, :4].astype(np.float64), axis=0, ddof=ddof), atol=1e-6)
+    assert np.all(z[:, 4] == 0.0)
+    np.testing.assert_allclose(z[:, :4].std(0, ddof=ddof), 1.0, atol=1e-5)
+    assert not np.allclose(zscore(y, ddof=0)[:, :4], zscore(y, ddof=1)[:, :4])
+
+
+def test_scoring_zscore_has_no_threshold():
+    """``eps=0``: a column whose float64 std is tiny but not 0 is still scaled (the scoring targets' rule)."""
+    y = np.zeros((10, 2), np.float32)
+    y[:, 0] = np.linspace(0, 1e-9, 10)
+    z = zscore(y, eps=0.0, ddof=0)
+    np.testing.assert_allclose(z[:, 0].std(), 1.0, atol=1e-5)
+    assert np.all(z[:, 1] == 0.0)
+    assert np.all(zscore(y, ddof=0)[:, 0] == 0.0)  # the default threshold zeroes it
 
 
 def test_chunk_groups():

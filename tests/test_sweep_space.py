@@ -13,7 +13,6 @@ from mirage.distributed.sweep import (
     SweepResult,
     TrialInfo,
     concurrency,
-    parameter_importance,
     search_space,
     trial_cpus,
     write_sweep_artifacts,
@@ -77,15 +76,31 @@ def test_sweep_artifacts_and_importance(tmp_path):
     ]
     res = SweepResult("s", "run", str(tmp_path), "val_r", "max", trials)
     assert res.best.trial_id == "t2"
-    imp = parameter_importance(trials, list(cfg.sweep.space))
-    assert imp["model.depth"] > 0.9 and imp["model.n_queries"] == 0.0
     files = {p.name for p in write_sweep_artifacts(cfg, res, tmp_path / "a")}
     assert {"best_config.yaml", "trials.json", "objective.png", "importance.png", "importance.json"} <= files
+    imp = json.loads((tmp_path / "a" / "importance.json").read_text())
+    assert imp["method"] == "optuna.importance.FanovaImportanceEvaluator" and imp["n_trials"] == 4
+    assert set(imp["importance"]) == set(cfg.sweep.space)
+    assert max(imp["importance"], key=imp["importance"].get) == "model.depth"  # the best tracks depth
+    assert imp["importance"]["model.n_queries"] == 0.0  # never varied
     best = yaml.safe_load((tmp_path / "a" / "best_config.yaml").read_text())
     assert best["model"]["depth"] == 3
     assert len(json.loads((tmp_path / "a" / "trials.json").read_text())) == 4
     res.save(tmp_path / "r.json")
     assert SweepResult.load(tmp_path / "r.json").best.params == trials[2].params
+
+
+def test_errored_trials_do_not_count_in_the_importance(tmp_path):
+    cfg = load_config("demo")
+    trials = [
+        TrialInfo(f"t{i}", {"model.depth": d, "train.lr": 1e-3, "model.n_queries": 4, "model.modality_dropout": 0.1},
+                  best=b, epochs=2, status=s)
+        for i, (d, b, s) in enumerate([(1, 0.1, "TERMINATED"), (3, 0.3, "TERMINATED"), (2, 0.9, "ERROR"), (2, None, "ERROR")])
+    ]
+    write_sweep_artifacts(cfg, SweepResult("s", "run", str(tmp_path), "val_r", "max", trials), tmp_path / "a")
+    imp = json.loads((tmp_path / "a" / "importance.json").read_text())
+    assert (imp["n_trials"], imp["n_skipped"]) == (2, 2)
+    assert max(imp["importance"], key=imp["importance"].get) == "model.depth"
 
 
 def test_cluster_job_without_dataset_fails_clearly(tmp_path, monkeypatch):

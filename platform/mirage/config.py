@@ -356,7 +356,7 @@ class SweepConfig(Section):
     mode: Literal["max", "min"] = Field("max", description="Direction of the metric.")
     grace_period: int = Field(3, ge=1, description="ASHA: epochs before a trial can be stopped.")
     reduction_factor: int = Field(3, ge=2, description="ASHA reduction factor.")
-    seed: int = Field(0, description="Seed of the TPE sampler.")
+    seed: int = Field(0, description="Seed of the TPE sampler and of the fANOVA forest behind the parameter importance.")
     n_startup_trials: int = Field(10, ge=1, description="TPE random trials before modelling.")
     driver_cpus: float = Field(
         1.0, ge=0, description="Logical CPUs of each trial's driver (its Train workers request their own)."

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from mirage.data.layout import TARGET_SETS
 from mirage.errors import DataError
 
-SPLITS = ("friends-s7", "ood")
 NPY_NAMES = {"friends-s7": "fmri_predictions_friends_s7.npy", "ood": "fmri_predictions_ood.npy"}
 ZIP_NAMES = {"friends-s7": "fmri_predictions_friends_s7.zip", "ood": "fmri_predictions_ood.zip"}
 PICKLE_PROTOCOL = 4
@@ -33,8 +33,8 @@ Predictions = dict[str, dict[str, np.ndarray]]
 
 
 def _split(split: str) -> str:
-    if split not in SPLITS:
-        raise DataError(f"submission split {split!r}: expected one of {list(SPLITS)}")
+    if split not in TARGET_SETS:
+        raise DataError(f"submission split {split!r}: expected one of {list(TARGET_SETS)}")
     return split
 
 
@@ -208,8 +208,8 @@ def score_predictions(
     """
     from mirage.metrics import EDGE_TRS, algonauts_score
 
-    if split not in (*SPLITS, "val"):
-        raise DataError(f"scoring split {split!r}: expected one of {[*SPLITS, 'val']}")
+    if split not in (*TARGET_SETS, "val"):
+        raise DataError(f"scoring split {split!r}: expected one of {[*TARGET_SETS, 'val']}")
     return algonauts_score(preds, targets, edge_trs=EDGE_TRS).flat()
 
 
@@ -250,7 +250,7 @@ def fmri_targets(root: str | os.PathLike, data_cfg, keys: Mapping[str, Any]) -> 
     Raises:
         DataError: a chunk has no fMRI in the release (the test splits have none).
     """
-    from mirage.data.fmri import load_fmri
+    from mirage.data.fmri import load_fmri, zscore
     from mirage.data.layout import Release
 
     release = Release(root)
@@ -261,9 +261,7 @@ def fmri_targets(root: str | os.PathLike, data_cfg, keys: Mapping[str, Any]) -> 
         for key in chunks:
             if key not in runs:
                 raise DataError(f"{root}: no fMRI run for {sub}/{key} (the test splits release no fMRI)")
-            y = load_fmri(runs[key].path, runs[key].key).astype(np.float64)
-            if data_cfg.zscore:
-                sd = y.std(0, keepdims=True)
-                y = (y - y.mean(0, keepdims=True)) / np.where(sd > 0, sd, 1.0)
-            out[sub][key] = y.astype(np.float32)
+            y = load_fmri(runs[key].path, runs[key].key)  # float32 (T, P)
+            # population std (ddof 0) and no threshold: Pearson r does not depend on the scale
+            out[sub][key] = zscore(y, eps=0.0, ddof=0) if data_cfg.zscore else y.astype(np.float32)
     return out

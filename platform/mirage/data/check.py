@@ -31,14 +31,13 @@ import numpy as np
 from mirage.config import DataConfig, FeaturesConfig
 from mirage.data.fmri import reconcile_lengths, stimulus_trs
 from mirage.data.layout import (
-    _H5_NAME, TARGET_SETS, Release, Stimulus, parse_fmri_key, source_of, stimulus_paths, unfetched_error,
+    _H5_NAME, SILENT_MOVIES, TARGET_SETS, Release, Stimulus, parse_fmri_key, source_of, stimulus_paths,
+    unfetched_error,
 )
 from mirage.data.media import MediaReader
 from mirage.data.splits import SPLITS, _selectors, matches
 from mirage.data.transcripts import read_rows
 from mirage.errors import DataError, MirageError
-
-SILENT_MOVIES = ("chaplin",)  # released without transcript (no dialogue)
 
 
 class _Report:

@@ -63,15 +63,17 @@ def load_fmri(path: str | Path, key: str, n_parcels: int | None = None) -> np.nd
     return data.astype(np.float32, copy=False)
 
 
-def zscore(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+def zscore(x: np.ndarray, eps: float = 1e-8, ddof: int = 1) -> np.ndarray:
     """z-score each parcel over time: x (n_trs, n_parcels) -> float32 (n_trs, n_parcels).
 
-    Divides by the sample standard deviation (ddof 1, as the reference and nilearn's
-    ``zscore_sample``); parcels with zero variance (or a single TR) become 0.
+    Computed in float64. By default divides by the sample standard deviation (``ddof=1``, as
+    the reference and nilearn's ``zscore_sample``), as the training targets are; ``ddof=0``
+    divides by the population one (scipy's default), as the scoring targets are. Parcels whose
+    standard deviation is ``<= eps`` (or with no more than ``ddof`` TRs) become 0.
     """
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(axis=0, keepdims=True)  # (1, P)
-    std = x.std(axis=0, ddof=1, keepdims=True) if len(x) > 1 else np.zeros_like(mean)  # (1, P)
+    std = x.std(axis=0, ddof=ddof, keepdims=True) if len(x) > ddof else np.zeros_like(mean)  # (1, P)
     out = np.where(std > eps, (x - mean) / np.where(std > eps, std, 1.0), 0.0)
     return out.astype(np.float32)
 

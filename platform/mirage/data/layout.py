@@ -37,6 +37,8 @@ from mirage.errors import DataError
 
 SOURCES = ("friends", "movie10", "ood")
 TARGET_SETS = ("friends-s7", "ood")
+SILENT_MOVIES = ("chaplin",)
+"""OOD movies released without a transcript (silent films): no transcript file is expected or written."""
 
 ATLAS_PART = "space-MNI152NLin2009cAsym_atlas-Schaefer18_parcel-1000Par7Net"
 

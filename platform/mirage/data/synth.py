@@ -43,14 +43,13 @@ import numpy as np
 from mirage.config import MODALITIES, SUBJECTS, SynthConfig
 from mirage.data.fmri import stimulus_trs
 from mirage.data.hrf import convolve_hrf
-from mirage.data.layout import fmri_file_name, fmri_key, stimulus_paths, target_samples_path
+from mirage.data.layout import SILENT_MOVIES, fmri_file_name, fmri_key, stimulus_paths, target_samples_path
 from mirage.data.synth_media import write_mkv
 from mirage.data.transcripts import Word, chunk_words, write_transcript
 from mirage.errors import DataError
 
 TEST_SEASON = 7  # Friends season whose fMRI is withheld (target sample numbers only)
 RUN_SUFFIX_MOVIES = ("life", "figures")  # Movie10 movies seen twice (_run-1, _run-2)
-NO_TRANSCRIPT_MOVIES = ("chaplin",)  # silent film: no transcript in the release
 VOCABULARY = (
     "hey", "you", "know", "what", "coffee", "okay", "really", "yeah", "look", "come", "on", "well",
     "the", "apartment", "tonight", "great", "sorry", "think", "just", "something", "believe", "wait",
@@ -106,7 +105,7 @@ def _segments(rng: np.random.Generator, cfg: SynthConfig, values) -> _Props:
 
 def _properties(cfg: SynthConfig, stim: _Stim) -> dict[str, _Props]:
     rng = _rng(cfg.seed, "props", stim.id)
-    silent = any(stim.id.startswith(m) for m in NO_TRANSCRIPT_MOVIES) and stim.source == "ood"
+    silent = any(stim.id.startswith(m) for m in SILENT_MOVIES) and stim.source == "ood"
     return {
         "vision": _segments(rng, cfg, lambda n: rng.uniform(0.1, 0.9, n)),
         "audio": _segments(rng, cfg, lambda n: rng.uniform(0.0, 1.0, n)),
@@ -258,7 +257,7 @@ def _write_all(root: Path, cfg: SynthConfig, tr: float, progress: bool) -> None:
             (root / video).parent.mkdir(parents=True, exist_ok=True)
             write_mkv(root / video, _frames(cfg, st, props["vision"]), cfg.fps, _audio(cfg, st, props["audio"]),
                       cfg.sample_rate)
-            if not (st.source == "ood" and st.id.rstrip("0123456789") in NO_TRANSCRIPT_MOVIES):
+            if not (st.source == "ood" and st.id.rstrip("0123456789") in SILENT_MOVIES):
                 (root / tsv).parent.mkdir(parents=True, exist_ok=True)
                 write_transcript(root / tsv, chunk_words(_words(cfg, st, props["text"]), tr, n_stim))
             arrays[f"property/{st.id}"] = _tr_properties(props, cfg.seconds, tr, n_stim).astype(np.float32)

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 
 from mirage.config import Config
+from mirage.data.layout import TARGET_SETS
 from mirage.errors import DataError, FeatureStoreError
 
-SPLITS = ("friends-s7", "ood", "val")
+PREDICT_SPLITS = (*TARGET_SETS, "val")
+"""What ``split_items`` enumerates: the official target sets and the validation runs."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,8 @@ def split_items(cfg: Config, split: str) -> list[RunItem]:
     """The runs of ``split`` for every subject of ``cfg.data.subjects`` in the release."""
     from mirage.data.layout import Release
 
-    if split not in SPLITS:
-        raise DataError(f"split {split!r}: expected one of {list(SPLITS)}")
+    if split not in PREDICT_SPLITS:
+        raise DataError(f"split {split!r}: expected one of {list(PREDICT_SPLITS)}")
     release = Release(cfg.data.root)
     items: list[RunItem] = []
     if split == "val":

@@ -33,6 +33,7 @@ from typing import Any
 from mirage.config import Config, ConfigError, ParamSpec
 from mirage.distributed import sweep_state
 from mirage.errors import MirageError
+from mirage.sweep_analysis import write_analysis
 
 TRIAL_TAG = "mirage.trial_id"
 SWEEP_TAG = "mirage.sweep"
@@ -383,61 +384,19 @@ def run_sweep(cfg: Config) -> SweepResult:
 
 
 def write_sweep_artifacts(cfg: Config, res: SweepResult, out: Path) -> list[Path]:
-    """Best config (YAML), the trial table (JSON) and plots of the search (PNG) into ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """Best config (YAML), the trial table (JSON), the parameter importance (JSON) and plots of
+    the search (PNG) into ``out``; the analysis itself is :mod:`mirage.sweep_analysis`."""
     out.mkdir(parents=True, exist_ok=True)
-    best = res.best
-    cfg.with_overrides(dict(best.params)).dump(out / "best_config.yaml")
+    cfg.with_overrides(dict(res.best.params)).dump(out / "best_config.yaml")
     (out / "trials.json").write_text(json.dumps([asdict(t) for t in res.trials], indent=2, default=str))
-
-    scored = [t for t in res.trials if t.best is not None]
-    vals = np.array([t.best for t in scored], dtype=float)
-    running = np.maximum.accumulate(vals) if res.mode == "max" else np.minimum.accumulate(vals)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(np.arange(len(vals)), vals, "o", label="trial")
-    ax.plot(np.arange(len(vals)), running, "-", label=f"best so far ({res.mode})")
-    ax.set(xlabel="trial (order started)", ylabel=res.metric, title=f"Sweep {res.name}: objective")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "objective.png", dpi=100)
-    plt.close(fig)
-
-    imp = parameter_importance(scored, list(cfg.sweep.space))
-    (out / "importance.json").write_text(json.dumps(imp, indent=2))
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.barh(list(imp), list(imp.values()))
-    ax.set(xlabel=f"|Spearman rho| with {res.metric}", title="Parameter importance")
-    fig.tight_layout()
-    fig.savefig(out / "importance.png", dpi=100)
-    plt.close(fig)
+    write_analysis(
+        observations(res.trials), cfg.sweep.space,
+        name=res.name, metric=res.metric, mode=res.mode, seed=cfg.sweep.seed, out=out,
+    )
     return sorted(out.iterdir())
 
 
-def parameter_importance(trials: list[TrialInfo], keys: list[str]) -> dict[str, float]:
-    """|Spearman rank correlation| between each parameter and the trial's best metric.
-
-    Categorical values are ranked by their order of first appearance; 0 where a parameter or
-    the metric does not vary (or fewer than 3 trials).
-    """
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    y = np.array([t.best for t in trials], dtype=float)
-    out = {}
-    for k in keys:
-        raw = [t.params.get(k) for t in trials]
-        try:
-            x = np.array(raw, dtype=float)
-        except (TypeError, ValueError):
-            codes = {v: i for i, v in enumerate(dict.fromkeys(map(str, raw)))}
-            x = np.array([codes[str(v)] for v in raw], dtype=float)
-        if len(y) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-            out[k] = 0.0
-        else:
-            out[k] = float(abs(spearmanr(x, y).statistic))
-    return out
+def observations(trials: list[TrialInfo]) -> list[tuple[dict[str, Any], float | None]]:
+    """``(params, best)`` per trial in start order; ``None`` for a trial that errored (its partial
+    metric is not an outcome of its parameters)."""
+    return [(t.params, None if t.status == "ERROR" else t.best) for t in trials]
