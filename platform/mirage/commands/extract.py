@@ -7,7 +7,7 @@ import sys
 
 from mirage.cli import command
 from mirage.config import Config
-from mirage.preflight import on_cluster, preflight
+from mirage.preflight import preflight
 
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
@@ -24,13 +24,9 @@ def extract(cfg: Config, a: argparse.Namespace) -> int:
 
         result = extract_all(cfg, stimuli=a.stimuli, overwrite=a.overwrite, progress=True)
     else:
-        from mirage.distributed.cluster import check_cluster_gpus, init_ray
         from mirage.distributed.extract import run_extract
 
         try:
-            if on_cluster(cfg):  # the cluster's GPUs are known once connected
-                init_ray(cfg.ray)
-                check_cluster_gpus(cfg, "extract")
             result = run_extract(cfg, overwrite=a.overwrite, stimuli=a.stimuli, progress=lambda m: print(m, flush=True))
         finally:
             import ray

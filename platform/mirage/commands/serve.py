@@ -9,7 +9,7 @@ from pathlib import Path
 from mirage.cli import command
 from mirage.config import Config
 from mirage.errors import DataError
-from mirage.preflight import on_cluster, preflight
+from mirage.preflight import preflight
 
 MODEL_HELP = "model URI: models:/<name>@<alias>, runs:/<run_id>/<path>, or a local model directory"
 
@@ -29,7 +29,6 @@ def serve_cmd(cfg: Config, a: argparse.Namespace) -> int:
     preflight(cfg, {"gpus", "model"}, model_uri=a.model, gpus_for="serve")
     started = not _ray_running()
     try:
-        _on_cluster_check_gpus(cfg, "serve")
         run_server(cfg, a.model, blocking=True)
     finally:
         if started:
@@ -53,7 +52,6 @@ def predict_cmd(cfg: Config, a: argparse.Namespace) -> int:
     preflight(cfg, {"gpus", "data", "model"}, model_uri=a.model, gpus_for="predict", splits=splits)
     started = not _ray_running()
     try:
-        _on_cluster_check_gpus(cfg, "predict")
         preds = predict_split(cfg, a.model, a.split)
     finally:
         if started:
@@ -98,15 +96,6 @@ def score_cmd(cfg: Config, a: argparse.Namespace) -> int:
         for sub in sorted(targets):
             print(f"  {sub}: {scores[sub]:.4f}")
     return 0
-
-
-def _on_cluster_check_gpus(cfg: Config, use: str) -> None:
-    """On a Ray cluster: connect, then fail fast on a GPU request it can never meet."""
-    if on_cluster(cfg):
-        from mirage.distributed.cluster import check_cluster_gpus, init_ray
-
-        init_ray(cfg.ray)
-        check_cluster_gpus(cfg, use)
 
 
 def _ray_running() -> bool:

@@ -106,7 +106,7 @@ def run_extract(
 def _run(cfg: Config, writer: StoreWriter, overwrite: bool, stimuli, say, t0: float) -> ExtractResult:
     import ray
 
-    from mirage.distributed.cluster import init_ray
+    from mirage.distributed.cluster import check_cluster_gpus, init_ray
 
     result = ExtractResult(store=writer.root)
     items, plans = plan(cfg, writer, overwrite, result, stimuli)
@@ -119,6 +119,7 @@ def _run(cfg: Config, writer: StoreWriter, overwrite: bool, stimuli, say, t0: fl
         return result
 
     init_ray(cfg.ray)
+    check_cluster_gpus(cfg, "extract")  # a GPU request the cluster can never meet would wait forever
     f = cfg.features
     rows = [{**asdict(it), "transcript": it.transcript or ""} for it in items]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(

@@ -103,10 +103,11 @@ def predict_split(cfg: Config, model_uri: str, split: str, runs_per_batch: int =
     """Predict every run of ``split``: ``{subject: {chunk_key: float32 (n_trs, n_parcels)}}``."""
     import ray
 
-    from mirage.distributed.cluster import init_ray
+    from mirage.distributed.cluster import check_cluster_gpus, init_ray
 
     items = split_items(cfg, split)
     init_ray(cfg.ray)
+    check_cluster_gpus(cfg, "predict")  # a GPU request the cluster can never meet would wait forever
     ds = ray.data.from_items([vars(i) for i in items])
     out = ds.map_batches(
         PredictActor,

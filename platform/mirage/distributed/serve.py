@@ -330,9 +330,10 @@ def run_server(cfg: Config, model_uri: str, blocking: bool = True) -> str:
 
     With ``blocking`` the call serves until interrupted, then shuts Serve down.
     """
-    from mirage.distributed.cluster import init_ray
+    from mirage.distributed.cluster import check_cluster_gpus, init_ray
 
     init_ray(cfg.ray)
+    check_cluster_gpus(cfg, "serve")  # a GPU request the cluster can never meet would wait forever
     serve.start(http_options=http_options(cfg))
     serve.run(make_app(cfg, model_uri), name="mirage", route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
