@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from mirage.atomic import write_text
 from mirage.config import MODALITIES, FeaturesConfig
 from mirage.errors import FeatureStoreError
 
@@ -94,12 +95,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 class FeatureStore:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mirage.atomic import replacing_dir
 from mirage.config import Config, ConfigError, load_config
 from mirage.errors import ModelLoadError
 from mirage.model.network import MirageModel, build_model
@@ -88,23 +87,11 @@ def save_exported(
     from safetensors.torch import save_file
 
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     full_meta = export_meta(model, cfg, meta)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with replacing_dir(target) as tmp:
         save_file(_full_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg.dump(tmp / CONFIG)
         (tmp / META).write_text(json.dumps(full_meta, indent=2))
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
