@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from mirage.analysis import analyze, write_analysis
 from mirage.config import MODALITIES
+from mirage.data.run_key import nest
 from mirage.data.synth import load_truth
-from mirage.distributed.ensemble import LoadedMember, validation_runs, validation_targets
+from mirage.pipeline.ensemble import validation_runs, validation_targets
+from mirage.predictor import Predictor, predict_stored, stored_runs
 from mirage.train.loop import MODEL_DIR, LocalSession, fit
 
 pytestmark = pytest.mark.slow
@@ -23,13 +24,14 @@ def test_dominant_modality_matches_planted_modality(test_cfg, synth_root, featur
         "train.loader_threads": 0,
     })
     summary = fit(cfg, LocalSession(tmp_path / "ckpt", resume=False), store=feature_store)
-    member = LoadedMember(tmp_path / "ckpt" / f"epoch_{summary['best_epoch']:04d}" / MODEL_DIR, feature_store)
+    member = Predictor.from_path(tmp_path / "ckpt" / f"epoch_{summary['best_epoch']:04d}" / MODEL_DIR, device="cpu")
     runs = validation_runs(cfg)
     targets = validation_targets(cfg, runs)
+    lengths = {k: len(targets[k.subject][k.name]) for k in runs}
     subjects = [s for s in cfg.data.subjects if s in targets]
     res = analyze(
-        lambda drop: member.predict(runs, targets, drop), targets, subjects, list(MODALITIES),
-        attention=member.attention(runs, targets),
+        lambda drop: nest(predict_stored(member, feature_store, lengths, drop=drop)), targets, subjects,
+        list(MODALITIES), attention=member.layer_attention(stored_runs(feature_store, lengths)),
     )
     files = {p.name for p in write_analysis(res, tmp_path / "analysis")}
     assert {"dominant_modality.npy", "dominance.png", "layer_attention_text.npy"} <= files

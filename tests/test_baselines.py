@@ -14,7 +14,6 @@ from mirage.baselines import (
     design_matrix,
     fit_baseline,
     fit_reducer,
-    run_baselines,
     single_index,
     tr_average,
     train_rows,
@@ -22,6 +21,7 @@ from mirage.baselines import (
 )
 from mirage.config import BaselineConfig
 from mirage.errors import DataError
+from mirage.pipeline.baselines import run_baselines
 
 OFFICIAL_ALPHAS = [1e6, 1e5, 1e4, 1e3, 100, 10, 1, 0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001, 0.00001]
 

@@ -184,7 +184,7 @@ def test_presets_say_whether_their_data_is_synthetic():
 @pytest.mark.parametrize("preset, extra", [("paper", ["ray.address="]), ("demo", ["data.synthetic=false"])])
 def test_local_sweep_without_a_dataset_is_an_error_unless_the_data_is_synthetic(tmp_path, monkeypatch, preset, extra):
     """A mistyped data.root is named, and nothing is written there (no synthetic data to train on)."""
-    from mirage.commands.sweep import ensure_inputs
+    from mirage.pipeline.inputs import ensure_inputs
     from mirage.config import resolve_paths
     from mirage.errors import DataError
 

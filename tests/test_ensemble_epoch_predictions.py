@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from mirage.distributed.ensemble import LoadedMember, validation_runs, validation_targets
+from mirage.pipeline.ensemble import member_predictions, validation_runs, validation_targets
+from mirage.predictor import Predictor
 from mirage.train.loop import MODEL_DIR, LocalSession, fit
 
 
@@ -24,7 +24,8 @@ def test_every_epoch_hands_over_whole_run_validation_predictions(train_cfg, feat
     assert not np.allclose(got[0]["sub-01"][next(iter(got[0]["sub-01"]))], got[1]["sub-01"][next(iter(got[1]["sub-01"]))])
     # the best epoch's predictions are those of the exported model, predicted run by run
     best = summary["best_epoch"]
-    exported = LoadedMember(tmp_path / f"epoch_{best:04d}" / MODEL_DIR, feature_store).predict(runs, targets)
+    predictor = Predictor.from_path(tmp_path / f"epoch_{best:04d}" / MODEL_DIR, device="cpu")
+    exported = member_predictions(predictor, feature_store, runs, targets)[0]
     for s, c in exported.items():
         for k, p in c.items():
             np.testing.assert_allclose(got[best][s][k], p, rtol=1e-4, atol=1e-5)
@@ -38,9 +39,10 @@ def test_every_epoch_hands_over_whole_run_validation_predictions(train_cfg, feat
 def test_logged_epoch_predictions_become_candidates_and_a_member_without_them_is_named(test_cfg, tmp_path):
     """Real MLflow store: per-epoch artifacts round-trip; a member without them enters with its exported predictions."""
     from mirage import tracking
-    from mirage.distributed.ensemble import EpochPredictionLogger, Member, candidates, epoch_predictions
     from mirage.distributed.sweep import SweepResult
     from mirage.ensemble import MemberSpec
+    from mirage.pipeline.ensemble import TrainedMember, candidates
+    from mirage.tracking.predictions import EpochPredictionLogger, epoch_predictions
 
     cfg = test_cfg.with_overrides({"tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     rng = np.random.default_rng(0)
@@ -50,11 +52,11 @@ def test_logged_epoch_predictions_become_candidates_and_a_member_without_them_is
     for e, p in preds.items():
         log(e, p)
     without_preds = tracking.start_run(cfg, "train", "m1")
-    files = epoch_predictions(cfg, with_preds, tmp_path / "dl")
+    files = epoch_predictions(cfg.tracking.uri, with_preds, tmp_path / "dl")
     assert sorted(files) == [0, 1, 2]
-    assert epoch_predictions(cfg, without_preds, tmp_path / "dl2") == {}
-    members = [Member(MemberSpec(0, {"model.depth": 1}, 33), with_preds, ""),
-               Member(MemberSpec(1, {"model.depth": 2}, 33), without_preds, "")]
+    assert epoch_predictions(cfg.tracking.uri, without_preds, tmp_path / "dl2") == {}
+    members = [TrainedMember(MemberSpec(0, {"model.depth": 1}, 33), with_preds, ""),
+               TrainedMember(MemberSpec(1, {"model.depth": 2}, 33), without_preds, "")]
     exported = [{}, {"sub-01": {"s06e01a": np.ones((12, 3), np.float32)}}]
     cands, load, without = candidates(cfg, SweepResult("s", "p", str(tmp_path), "val_r", "max"), members, exported,
                                       tmp_path / "c")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
 from mirage.data.synth import load_truth
-from mirage.distributed.ensemble import validation_runs, validation_targets
 from mirage.ensemble import Candidate, cross_fit, refit_weights, two_folds
+from mirage.pipeline.ensemble import validation_runs, validation_targets
 
 
 def test_cross_fitted_ensemble_beats_best_member_on_planted_runs(test_cfg, synth_root):
@@ -22,11 +21,10 @@ def test_cross_fitted_ensemble_beats_best_member_on_planted_runs(test_cfg, synth
     for m in range(n_members):
         noise_sd[m, np.arange(P) % n_members == m] = 0.3  # member m is good on every third parcel
     preds = {}
-    for sub, rs in runs.items():
-        for k, (run, _) in rs.items():
-            signal = arrays[f"signal/{sub}/{run.key}"]  # (n_trs, P) clean planted response
-            noise = rng.normal(size=(n_members, *signal.shape)) * noise_sd[:, None, :] * signal.std(0).clip(1e-6)
-            preds.setdefault(sub, {})[k] = signal[None] + noise
+    for key, run in runs.items():
+        signal = arrays[f"signal/{key.subject}/{run.key}"]  # (n_trs, P) clean planted response
+        noise = rng.normal(size=(n_members, *signal.shape)) * noise_sd[:, None, :] * signal.std(0).clip(1e-6)
+        preds.setdefault(key.subject, {})[key.name] = signal[None] + noise
     subjects = [s for s in cfg.data.subjects if s in targets]
     folds = two_folds(sorted({k for s in subjects for k in targets[s]}))
     cands = [Candidate(f"m{m}", f"cfg{m}", (0,)) for m in range(n_members)]

@@ -143,7 +143,7 @@ def test_start_end_ids_come_from_the_processor_where_the_config_has_none(tinies)
     """A thinker config with only the pad ids (``*_token_index``): the rest are the processor's tokens."""
     from types import SimpleNamespace
 
-    from mirage.features.backbone import _special_token_ids
+    from mirage.features.interface import _special_token_ids
 
     for name in ("tiny", "tiny-qwen2.5-omni"):
         bb = tinies(name)

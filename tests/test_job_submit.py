@@ -114,7 +114,7 @@ def test_sweep_job_submitted_as_documented(ray_head, tmp_path):
         "data.synth.ood_movies=[chaplin]", "data.synth.seconds=40", "data.synth.parcels=32", "data.n_parcels=32",
         "data.window_trs=8", "data.stride_trs=8",
         "sweep.name=job-test", "sweep.num_samples=2", "sweep.max_concurrent=2", "sweep.n_startup_trials=2",
-        "sweep.grace_period=1", "train.epochs=2",
+        "sweep.grace_period=1", "train.epochs=1",
         "ensemble.n_members=2", "ensemble.top_k=2", "ensemble.registry_name=mirage-jobtest",
     ]
     cfg = resolve_paths(load_config("demo", overrides))
@@ -138,7 +138,7 @@ def test_sweep_job_submitted_as_documented(ray_head, tmp_path):
     assert status == JobStatus.SUCCEEDED, f"job {sid} {status}:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}\n{logs[-4000:]}"
     assert proc.returncode == 0
 
-    from mirage.predictor import Predictor
+    from mirage.tracking.models import load_predictor
     from mirage.tracking import client as mlflow_client
 
     c = mlflow_client(cfg.tracking.uri)
@@ -158,5 +158,5 @@ def test_sweep_job_submitted_as_documented(ray_head, tmp_path):
 
     version = c.get_model_version_by_alias("mirage-jobtest", cfg.ensemble.alias)
     assert version.version
-    p = Predictor.from_uri("models:/mirage-jobtest@champion", tracking_uri=cfg.tracking.uri, device="cpu")
+    p = load_predictor("models:/mirage-jobtest@champion", tracking_uri=cfg.tracking.uri, device="cpu")
     assert len(p.members) == 2 and p.n_parcels == 32

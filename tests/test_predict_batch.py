@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from scipy.stats import pearsonr
-from test_submission import load_official
-
 from mirage.cli import main
 from mirage.data.layout import Release
 from mirage.predictor import Predictor
+from scipy.stats import pearsonr
+from test_submission import load_official
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +18,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_session(serve_cfg):
     import ray
-
     from mirage.distributed.cluster import init_ray
 
     init_ray(serve_cfg.ray)
@@ -44,8 +42,8 @@ def test_ray_data_predictions_equal_the_predictor(ray_session, serve_cfg, ensemb
     offline = Predictor.from_path(ensemble_model, device="cpu")
     assert sum(len(v) for v in preds.values()) == len(items) >= 4
     for it in items:
-        want = offline.predict_run(np.asarray(feature_store.read(it.stimulus)), it.subject, it.n_trs)
-        np.testing.assert_allclose(preds[it.subject][it.chunk], want, rtol=1e-5, atol=1e-6)
+        want = offline.predict_run(np.asarray(feature_store.read(it.key.stimulus)), it.key.subject, it.n_trs)
+        np.testing.assert_allclose(preds[it.key.subject][it.key.name], want, rtol=1e-5, atol=1e-6)
 
 
 def test_predict_writes_official_submissions(ray_session, serve_cfg, cfg_file, exported_model, feature_store, tmp_path):

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from mirage.config import MODALITIES, load_config, resolve_paths
 from mirage.errors import DataError, ModelLoadError
 from mirage.predictor import Predictor
-from mirage.video import predict_video, stack_modalities, video_n_trs
+from mirage.pipeline.video import predict_video, stack_modalities, video_n_trs
 
 
 def test_stack_modalities_pads_each_modality_with_zeros():

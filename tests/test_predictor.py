@@ -9,6 +9,7 @@ import torch
 from mirage.config import MODALITIES
 from mirage.errors import DataError, ModelLoadError
 from mirage.predictor import Predictor, RunRequest, find_model_dir, model_kind
+from mirage.tracking.models import load_predictor
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +126,13 @@ def test_from_uri_reads_runs_and_registered_models(serve_cfg, ensemble_model, ru
     c.log_artifacts(run_id, str(ensemble_model), "ensemble")
     sid, feats = run
     want = Predictor.from_path(ensemble_model, device="cpu").predict_run(feats, "sub-01", 12)
-    by_run = Predictor.from_uri(f"runs:/{run_id}/ensemble", tracking_uri=cfg.tracking.uri, device="cpu")
+    by_run = load_predictor(f"runs:/{run_id}/ensemble", tracking_uri=cfg.tracking.uri, device="cpu")
     np.testing.assert_allclose(by_run.predict_run(feats, "sub-01", 12), want, rtol=1e-6)
     tracking.log_pyfunc_model(cfg, run_id, ensemble_model)
     c.set_terminated(run_id)
     uri = f"models:/mirage-test@{cfg.ensemble.alias}"
-    by_alias = Predictor.from_uri(uri, tracking_uri=cfg.tracking.uri, device="cpu", cache_dir=tmp_path / "dl")
+    by_alias = load_predictor(uri, tracking_uri=cfg.tracking.uri, device="cpu", cache_dir=tmp_path / "dl")
     assert by_alias.source == uri and len(by_alias.members) == 2
     np.testing.assert_allclose(by_alias.predict_run(feats, "sub-01", 12), want, rtol=1e-6)
     with pytest.raises(ModelLoadError, match="cannot download"):
-        Predictor.from_uri("models:/mirage-test@nope", tracking_uri=cfg.tracking.uri)
+        load_predictor("models:/mirage-test@nope", tracking_uri=cfg.tracking.uri)

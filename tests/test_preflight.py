@@ -134,23 +134,41 @@ def test_registry_uri_without_mlflow_store_fails_without_creating_one(base_sets,
     _assert_one_line_nothing_left(rc, err, s, outputs, ["models:/mirage@champion", "no MLflow store"])
 
 
-def test_unknown_registered_model_and_run_are_refused(tmp_path):
+def test_unknown_registered_model_and_run_are_refused(test_cfg, tmp_path):
     from mirage import tracking
     from mirage.errors import ModelLoadError
-    from mirage.preflight import check_model
+    from mirage.pipeline.predict import check_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = test_cfg.with_overrides({"tracking.uri": uri})
     c = tracking.client(uri)
     exp = c.create_experiment("e", artifact_location=str(tmp_path / "art"))
     run = c.create_run(exp)
     with pytest.raises(ModelLoadError, match="models:/nope@champion: not found in MLflow"):
-        check_model("models:/nope@champion", uri)
+        check_model(cfg, "models:/nope@champion")
     with pytest.raises(ModelLoadError, match="runs:/0123abcd/model: not found in MLflow"):
-        check_model("runs:/0123abcd/model", uri)
+        check_model(cfg, "runs:/0123abcd/model")
     with pytest.raises(ModelLoadError, match="has no artifact 'model'"):
-        check_model(f"runs:/{run.info.run_id}/model", uri)
+        check_model(cfg, f"runs:/{run.info.run_id}/model")
     with pytest.raises(ModelLoadError, match="expected models:/<name>@<alias>"):
-        check_model("models:/mirage", uri)
+        check_model(cfg, "models:/mirage")
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_unknown_registered_model_fails_before_ray(command, base_sets, tmp_path, capfd):
+    """The store exists, the model is not in it: one line naming the URI, and no Ray session."""
+    from mirage import tracking
+
+    sets, _ = base_sets
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.client(uri).create_experiment("e", artifact_location=str(tmp_path / "art"))
+    capfd.readouterr()  # MLflow's own lines on creating the store
+    extra = ["--split", "val", "--out", str(tmp_path / "pred")] if command == "predict" else []
+    rc, err, _ = _run([command, "--model", "models:/nope@champion", *extra, *_sets([*sets, f"tracking.uri={uri}"])],
+                      capfd)
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("mirage: error: models:/nope@champion: not found in MLflow"), err[0]
+    assert not (tmp_path / "pred").exists()
 
 
 def test_exported_model_directory_passes(tmp_path):

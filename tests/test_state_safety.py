@@ -340,9 +340,8 @@ def test_champion_score_falls_back_to_its_runs_metric(registry_cfg, tmp_path):
 
 @pytest.mark.parametrize("command", ["sweep", "ensemble"])
 def test_promote_flag_forces_the_alias_move(test_cfg, command):
-    from mirage.cli import _register_commands, build_parser
+    from mirage.cli import build_parser
     from mirage.commands.sweep import _ensemble_overrides
 
-    _register_commands()
     assert _ensemble_overrides(test_cfg, build_parser().parse_args([command, "--promote"])).ensemble.promote
     assert not _ensemble_overrides(test_cfg, build_parser().parse_args([command])).ensemble.promote

@@ -6,8 +6,6 @@ import json
 
 import pytest
 import yaml
-from ray import tune
-
 from mirage.config import ConfigError, load_config
 from mirage.distributed.sweep import (
     SweepResult,
@@ -18,6 +16,7 @@ from mirage.distributed.sweep import (
     write_sweep_artifacts,
 )
 from mirage.errors import MirageError
+from ray import tune
 
 
 def test_every_param_kind_maps_to_its_tune_domain():
@@ -47,15 +46,14 @@ def test_every_param_kind_maps_to_its_tune_domain():
     "entry, message",
     [
         ("sweep.space.model.nope={kind: int, low: 1, high: 2}", "sweep.space.model.nope"),
-        ("sweep.space.model.depth={kind: int, low: 3, high: 1}", "low <= high"),
-        ("sweep.space.train.lr={kind: loguniform, low: 0, high: 1}", "low > 0"),
-        ("sweep.space.model.depth={kind: choice, values: []}", "non-empty"),
+        ("sweep.space.model.depth={kind: int, low: 3, high: 1}", "sweep.space.model.depth: .*low <= high"),
+        ("sweep.space.train.lr={kind: loguniform, low: 0, high: 1}", "sweep.space.train.lr: .*low > 0"),
+        ("sweep.space.model.depth={kind: choice, values: []}", "sweep.space.model.depth: .*non-empty"),
     ],
 )
 def test_bad_space_entries_name_the_key(entry, message):
-    cfg = load_config("demo", [entry])
     with pytest.raises(ConfigError, match=message):
-        search_space(cfg)
+        search_space(load_config("demo", [entry]))
 
 
 def test_concurrency_is_capped_by_logical_cpus():
@@ -90,6 +88,16 @@ def test_sweep_artifacts_and_importance(tmp_path):
     assert SweepResult.load(tmp_path / "r.json").best.params == trials[2].params
 
 
+def test_a_failed_trial_never_ranks_even_with_the_best_metric():
+    trials = [
+        TrialInfo("ok", {}, best=0.2, epochs=2, status="TERMINATED"),
+        TrialInfo("failed", {}, best=0.9, epochs=1, status="ERROR"),
+        TrialInfo("early", {}, best=0.1, epochs=1, status="TERMINATED", stopped_early=True),
+    ]
+    res = SweepResult("s", "run", "/x", "val_r", "max", trials)
+    assert [t.trial_id for t in res.ranked()] == ["ok", "early"] and res.best.trial_id == "ok"
+
+
 def test_errored_trials_do_not_count_in_the_importance(tmp_path):
     cfg = load_config("demo")
     trials = [
@@ -114,7 +122,7 @@ def test_cluster_job_without_dataset_fails_clearly(tmp_path, monkeypatch):
 
 
 def test_cluster_error_names_data_root(tmp_path):
-    from mirage.commands.sweep import ensure_inputs
+    from mirage.pipeline.inputs import ensure_inputs
     from mirage.config import resolve_paths
     from mirage.errors import DataError
 

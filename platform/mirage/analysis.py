@@ -5,8 +5,9 @@
 - dominant modality per parcel from modality ablation, with its dominance strength (Fig. 2b);
 - mean r for every subset of modalities (Fig. 2c).
 
-Pure numpy/matplotlib (Agg); the model is reached only through the callables passed in, so
-this module imports neither Ray nor MLflow.
+Pure numpy/matplotlib (Agg): the maths takes predictions and attention weights, as
+:class:`mirage.predictor.Predictor` gives them (``predict_runs(..., drop=...)``,
+``layer_attention``); no model, no Ray, no MLflow here.
 """
 
 from __future__ import annotations
@@ -141,71 +142,12 @@ def analyze(
     return AnalysisResult(list(subjects), list(modalities), full, full.mean(axis=1), subset_r, dom, profiles)
 
 
-# ------------------------------------------------------------- model access
-
-
-def model_inputs(features: np.ndarray, layers: list[int], modalities: list[str], start: int, stop: int):
-    """Frames [start, stop) of one run as model inputs (zero-padded outside the run).
-
-    Args:
-        features: (n_frames, 3, n_store_layers, dim) feature-store array (modality axis: vision, audio, text).
-        layers: store layer indices fed to the model.
-
-    Returns:
-        modality -> float32 tensor (1, n_layers, stop - start, dim).
-    """
-    import torch
-
-    from mirage.config import MODALITIES
-    from mirage.data.windows import slice_padded
-
-    win = slice_padded(np.asarray(features), start, stop)[:, :, layers]  # (T, 3, L, D)
-    x = torch.from_numpy(win.astype(np.float32))
-    return {m: x[:, MODALITIES.index(m)].permute(1, 0, 2).unsqueeze(0).contiguous() for m in modalities}  # (1, L, T, D)
-
-
-def predict_run(model, cfg, layers: list[int], features: np.ndarray, subject_index: int, n_trs: int,
-                rate_hz: float, drop: tuple[str, ...] = ()) -> np.ndarray:
-    """Predict a whole run with an (eval-mode) model, window by window, ``drop`` ablated.
-
-    Returns:
-        (n_trs, n_parcels) float32; every TR covered exactly once.
-    """
-    import torch
-
-    from mirage.data.windows import windows_for_prediction
-
-    rows = []
-    sid = torch.tensor([subject_index])
-    with torch.no_grad():
-        for w in windows_for_prediction(n_trs, cfg.data, rate_hz, len(features)):
-            x = model_inputs(features, layers, list(cfg.model.modalities), w.frame_start, w.frame_stop)
-            y = model(x, sid, drop=drop)[0]  # (window_trs, P)
-            rows.append(y[: w.n_valid].float().numpy())
-    return np.concatenate(rows)[:n_trs]
-
-
-def attention_batches(model, cfg, layers: list[int], features: np.ndarray, rate_hz: float, n_trs: int) -> dict[str, list[np.ndarray]]:
-    """Layer attention of every prediction window of a run: modality -> [(1, T, heads, Q, L), ...]."""
-    import torch
-
-    from mirage.data.windows import windows_for_prediction
-
-    out: dict[str, list[np.ndarray]] = {}
-    with torch.no_grad():
-        for w in windows_for_prediction(n_trs, cfg.data, rate_hz, len(features)):
-            x = model_inputs(features, layers, list(cfg.model.modalities), w.frame_start, w.frame_stop)
-            for m, a in model.layer_attention(x).items():
-                out.setdefault(m, []).append(a.float().numpy())
-    return out
-
-
 # ------------------------------------------------------------------- writing
 
 
 def write_analysis(res: AnalysisResult, out_dir: str | Path) -> list[Path]:
     """Write the arrays (.npy, summary.json) and the plots (.png); returns the files written."""
-    import matplotlib
+    import matplotlib  # heavy, and only for plots: imported when plots are written
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

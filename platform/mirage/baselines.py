@@ -23,6 +23,9 @@ reduced to ``pca_components``. Both are scored on the validation runs with the o
 (``val_r_official``: 5 TRs dropped at both edges of every run, runs concatenated per subject).
 sklearn's ``RidgeCV`` is used for both, since it is what the official code uses (its leave-one-out
 alpha per target is the recipe) and the designs fit in memory per subject.
+
+:data:`BASELINES` lists every baseline (add one there); the CLI's choices, the fitting code and
+the tests read it. Logging a fit to MLflow is :func:`mirage.pipeline.baselines.run_baselines`.
 """
 
 from __future__ import annotations
@@ -35,13 +38,58 @@ from typing import Any
 import numpy as np
 
 from mirage.config import MODALITIES, BaselineConfig, Config
+from mirage.data.fmri import load_fmri, zscore
+from mirage.data.layout import Release
+from mirage.data.splits import split_runs
 from mirage.errors import DataError
+from mirage.features.store import FeatureStore, open_store
+from mirage.metrics import EDGE_TRS, concat_trimmed, pearson_r
+from mirage.progress import tracked
 
-BASELINES: dict[str, Callable[[Config, int], list[int]]] = {
-    "official-challenge": lambda cfg, n: [min(n - 1, int(round(cfg.train.baseline.challenge_layer * (n - 1))))],
-    "native_linear": lambda cfg, n: list(range(n)) if cfg.model.layers is None else [i % n for i in cfg.model.layers],
+
+@dataclass(frozen=True)
+class Baseline:
+    """One ridge baseline: which store layers it reads and how far each modality is reduced.
+
+    Attributes:
+        name: the name the CLI (``mirage baseline --which``) and MLflow (``mirage.baseline`` tag) use.
+        summary: one line on what it is.
+        layers: (config, the store's layer count) -> the store layers it reads.
+        components: (baseline config, modality) -> PCA components kept (None: every component).
+    """
+
+    name: str
+    summary: str
+    layers: Callable[[Config, int], list[int]]
+    components: Callable[[BaselineConfig, str], int | None]
+
+
+def _challenge_layer(cfg: Config, n_layers: int) -> list[int]:
+    return [min(n_layers - 1, int(round(cfg.train.baseline.challenge_layer * (n_layers - 1))))]
+
+
+def _challenge_components(bc: BaselineConfig, modality: str) -> int | None:
+    return bc.audio_pca_components if modality == "audio" else bc.pca_components
+
+
+def _model_layers(cfg: Config, n_layers: int) -> list[int]:
+    return list(range(n_layers)) if cfg.model.layers is None else [i % n_layers for i in cfg.model.layers]
+
+
+def _pca_components(bc: BaselineConfig, modality: str) -> int | None:
+    return bc.pca_components
+
+
+BASELINES: dict[str, Baseline] = {
+    b.name: b
+    for b in (
+        Baseline("official-challenge", "the official Algonauts 2025 recipe on one store layer per modality",
+                 _challenge_layer, _challenge_components),
+        Baseline("native_linear", "ridge on the layers MIRAGE is fed (model.layers), every modality PCA-reduced",
+                 _model_layers, _pca_components),
+    )
 }
-"""Baseline name -> the store layers it reads, given the store's layer count."""
+"""Every baseline, by name."""
 
 WINDOWED = ("vision", "audio")
 """Modalities modelled by a window of TRs; the others (text) by a single TR."""
@@ -179,7 +227,7 @@ def fit_reducer(x: np.ndarray, n_components: int | None, seed: int):
     Returns:
         (scaler, pca), both fitted.
     """
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # ~2.5 s to import, and `mirage --help` reads BASELINES
     from sklearn.preprocessing import StandardScaler
 
     x = np.nan_to_num(np.asarray(x, np.float32))
@@ -201,15 +249,9 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: list[float]):
 
     x: (n_rows, n_features); y: (n_rows, n_parcels).
     """
-    from sklearn.linear_model import RidgeCV
+    from sklearn.linear_model import RidgeCV  # ~2.5 s to import, and `mirage --help` reads BASELINES
 
     return RidgeCV(alphas=np.asarray(alphas, np.float64), cv=None, alpha_per_target=True).fit(x, y)
-
-
-def _components(name: str, modality: str, bc: BaselineConfig) -> int | None:
-    if name == "official-challenge" and modality == "audio":
-        return bc.audio_pca_components
-    return bc.pca_components
 
 
 # ----------------------------------------------------------------------- fitting
@@ -218,7 +260,7 @@ def _components(name: str, modality: str, bc: BaselineConfig) -> int | None:
 class _Stimuli:
     """TR features of the stimuli of one baseline's layers, read once each from the store."""
 
-    def __init__(self, cfg: Config, store, layers: list[int]):
+    def __init__(self, cfg: Config, store: FeatureStore, layers: list[int]):
         self.cfg, self.store, self.layers = cfg, store, layers
         self._cache: dict[str, dict[str, np.ndarray]] = {}
 
@@ -236,33 +278,28 @@ class _Stimuli:
 
 
 def _runs(cfg: Config, split: str) -> list:
-    from mirage.data.layout import Release
-    from mirage.data.splits import split_runs
-
     return [r for r in split_runs(Release(cfg.data.root), cfg.data, split) if r.subject in cfg.data.subjects]
 
 
 def _fmri(cfg: Config, run) -> np.ndarray:
-    from mirage.data.fmri import load_fmri, zscore
-
     y = load_fmri(str(run.path), run.key)
     return zscore(y) if cfg.data.zscore else y
 
 
-def fit_baseline(cfg: Config, name: str, store=None, progress: bool = False) -> BaselineResult:
-    """Fit one baseline on the train split (per subject) and score it on the validation split.
+def fit_baseline(
+    cfg: Config, name: str, store: FeatureStore | None = None, progress: bool = False
+) -> BaselineResult:
+    """Fit one baseline of :data:`BASELINES` on the train split (per subject) and score it on the validation split.
 
-    ``progress``: show the subjects done on stderr (:func:`mirage.progress.tracked`).
+    ``store``: the feature store (default: the one of ``cfg.features``); ``progress``: show the
+    subjects done on stderr (:func:`mirage.progress.tracked`).
     """
-    from mirage.features.store import open_store
-    from mirage.metrics import EDGE_TRS, concat_trimmed, pearson_r
-    from mirage.progress import tracked
-
     if name not in BASELINES:
         raise DataError(f"baseline {name!r}: expected one of {sorted(BASELINES)}")
+    baseline = BASELINES[name]
     bc = cfg.train.baseline
     store = store if store is not None else open_store(cfg.features)
-    layers = BASELINES[name](cfg, store.n_layers)
+    layers = baseline.layers(cfg, store.n_layers)
     train, val = _runs(cfg, "train"), _runs(cfg, "val")
     if not train or not val:
         raise DataError(f"{cfg.data.root}: baseline {name} needs fMRI runs in both the train and val splits")
@@ -271,7 +308,7 @@ def fit_baseline(cfg: Config, name: str, store=None, progress: bool = False) -> 
     # scaler + PCA per modality on the train stimuli (each stimulus once)
     train_ids = sorted({r.stimulus_id for r in train})
     reducers = {
-        m: fit_reducer(np.concatenate([stim.trs(s)[m] for s in train_ids]), _components(name, m, bc), bc.pca_seed)
+        m: fit_reducer(np.concatenate([stim.trs(s)[m] for s in train_ids]), baseline.components(bc, m), bc.pca_seed)
         for m in MODALITIES
     }
     reduced: dict[str, dict[str, np.ndarray]] = {}
@@ -321,38 +358,3 @@ def fit_baseline(cfg: Config, name: str, store=None, progress: bool = False) -> 
         models=models,
         n_train_rows=n_rows,
     )
-
-
-def run_baselines(
-    cfg: Config, names: list[str] | None = None, *, track: bool = True, progress: bool = False
-) -> list[BaselineResult]:
-    """Fit and score baselines; each is an MLflow run (``mirage.kind=baseline``) when ``track``.
-
-    ``progress``: show each baseline's subjects done on stderr.
-    """
-    import tempfile
-    from pathlib import Path
-
-    from mirage import tracking
-
-    out = []
-    for name in names or list(BASELINES):
-        if not track:
-            out.append(fit_baseline(cfg, name, progress=progress))
-            continue
-        with tracking.tracked_run(cfg, "baseline", f"baseline-{name}", tags={"mirage.baseline": name}) as run_id:
-            res = fit_baseline(cfg, name, progress=progress)
-            pca = {f"pca_components/{m}": int(p.n_components_) for m, (_, p) in res.reducers.items()}
-            tracking.log_metrics(
-                cfg.tracking.uri, run_id,
-                {"val_r": res.val_r, "val_r_official": res.val_r_official,
-                 **{f"val_r_official/{s}": v for s, v in res.val_r_subject.items()}, **pca},
-                step=0,
-            )
-            tracking.set_tags(cfg.tracking.uri, run_id, {"mirage.baseline_layers": ",".join(map(str, res.layers))})
-            with tempfile.TemporaryDirectory() as d:
-                np.save(Path(d) / "val_r.npy", res.r)
-                np.save(Path(d) / "alphas.npy", res.alphas)
-                tracking.log_artifacts(cfg.tracking.uri, run_id, d, "validation")
-            out.append(res)
-    return out

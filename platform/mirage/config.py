@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from mirage.documents import read_mapping
 from mirage.errors import MirageError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +46,13 @@ DEFAULT_PRESET = "demo"
 
 SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-05")
 MODALITIES = ("vision", "audio", "text")
-"""Order of modalities in the feature store (axis 1 of every feature array)."""
+"""The modalities, in the order of the feature store's modality axis (axis 1 of every stored feature
+array). The one definition of the modality names and of every modality order below."""
+MODALITY_AXIS = {m: i for i, m in enumerate(MODALITIES)}
+"""Modality -> its index on the feature store's modality axis."""
+FUSION_ORDER = MODALITIES[::-1]
+"""The order in which the model concatenates modalities: text, audio, vision (the reference's), the
+store's order reversed. ``model.modalities`` is a subset written in this order."""
 
 
 class ConfigError(MirageError):
@@ -107,7 +121,8 @@ class DataConfig(Section):
     hrf_delay_trs: int = Field(3, ge=0, description="Stimulus window starts this many TRs before the fMRI window.")
     zscore: bool = Field(True, description="z-score the fMRI per parcel per run.")
     max_length_mismatch_trs: int = Field(
-        5, ge=0, description="Largest tolerated difference between fMRI and stimulus length in TRs."
+        5, ge=0, description="Largest tolerated difference between fMRI and stimulus length in TRs; a larger one is "
+        "an error in `mirage data check` and in training (mirage.data.fmri.reconcile_lengths)."
     )
     skip_runs: list[str] = Field(
         default_factory=lambda: ["s04e01a", "s04e01b", "s04e13b", "s05e20a", "s06e03a"],
@@ -222,8 +237,11 @@ class ModelConfig(Section):
     parcels and subjects from the data, as in the reference builder.
     """
 
-    modalities: list[Literal["text", "audio", "vision"]] = Field(
-        default_factory=lambda: ["text", "audio", "vision"], description="Modalities, in fusion order."
+    modalities: list[Literal[FUSION_ORDER]] = Field(
+        default_factory=lambda: list(FUSION_ORDER),
+        description="Modalities fed to the model: a subset of text, audio, vision written in that order, the "
+        "fusion order (mirage.config.FUSION_ORDER, the reference's). Another order is refused, not reordered, so "
+        "that a saved model never changes meaning.",
     )
     layers: list[int] | None = Field(None, description="Backbone layers fed to the model (indices); None = all.")
     n_queries: int = Field(24, ge=1, description="Learned latent queries per modality.")
@@ -259,6 +277,9 @@ class ModelConfig(Section):
     def _modalities_unique(cls, v: list[str]) -> list[str]:
         if not v or len(set(v)) != len(v):
             raise ValueError(f"expected one or more distinct modalities, got {v}")
+        ordered = [m for m in FUSION_ORDER if m in v]
+        if v != ordered:
+            raise ValueError(f"expected the modalities in the fusion order {list(FUSION_ORDER)}, got {v}; write {ordered}")
         return v
 
     @field_validator("layers")
@@ -344,6 +365,17 @@ class ParamSpec(Section):
     low: float | None = Field(None, description="Lower bound (int, float, loguniform).")
     high: float | None = Field(None, description="Upper bound (int, float, loguniform).")
     values: list[Any] | None = Field(None, description="Candidates (choice).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ParamSpec":
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("kind 'choice' needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"kind {self.kind!r} needs low <= high, got low={self.low} high={self.high}")
+        elif self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"kind 'loguniform' needs low > 0, got {self.low}")
+        return self
 
 
 class SweepConfig(Section):
@@ -689,12 +721,7 @@ def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any]
     """Build the config: field defaults < preset YAML < overrides; validated; paths not yet resolved."""
     tree = Config().to_dict()
     path = preset_path(preset or DEFAULT_PRESET)
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    loaded = read_mapping(path, ConfigError)
     tree = _merge(tree, loaded, source=f"config file {path}")
     cfg = _validate(tree, source=str(path))
     if overrides:

@@ -17,7 +17,6 @@ the one :class:`mirage.predictor.Predictor` reads (``ensemble.json``, ``weights.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mirage.atomic import replacing_dir
+from mirage.data.run_key import RunKey
 from mirage.errors import MirageError
 from mirage.metrics import EDGE_TRS, concat_trimmed, pearson_r
 
@@ -58,32 +59,31 @@ def softmax_weights(val_r: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=0, keepdims=True)
 
 
-def combine(preds: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Weighted sum of the members' predictions.
+def combine(preds: np.ndarray, weights: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Weighted sum of the members' predictions, summed in float64.
 
     Args:
         preds: (n_members, n_trs, n_parcels) predictions of one subject's run.
         weights: (n_members, n_parcels) that subject's weights.
+        dtype: of the result.
 
     Returns:
-        (n_trs, n_parcels) float32.
+        (n_trs, n_parcels) ``dtype``.
     """
     if preds.ndim != 3 or weights.shape != (preds.shape[0], preds.shape[2]):
         raise ValueError(f"preds {preds.shape} and weights {weights.shape} do not match (M, T, P) / (M, P)")
-    return np.einsum("mtp,mp->tp", preds.astype(np.float64), weights).astype(np.float32)  # (T, P)
+    return np.einsum("mtp,mp->tp", preds.astype(np.float64), weights).astype(dtype, copy=False)  # (T, P)
 
 
 # ------------------------------------------------------------------ folds and r
 
 
-def episode_of(run_id: str) -> str:
+def episode_of(run_name: str) -> str:
     """The episode a validation run belongs to (``s06e01a`` -> ``s06e01``; ``life01#2`` -> ``life01``)."""
-    base = run_id.split("#", 1)[0]
-    m = re.match(r"^(.*e\d+)[a-z]$", base)
-    return m.group(1) if m else base
+    return RunKey.parse("", run_name).episode
 
 
-def two_folds(run_ids: list[str]) -> tuple[list[str], list[str]]:
+def two_folds(run_names: list[str]) -> tuple[list[str], list[str]]:
     """Split the validation runs into two folds, whole episodes together (both halves of an episode in one fold).
 
     Deterministic: episodes in sorted order go to folds A, B, A, B, ... With a single episode
@@ -92,7 +92,7 @@ def two_folds(run_ids: list[str]) -> tuple[list[str], list[str]]:
     Raises:
         MirageError: fewer than 2 runs.
     """
-    ids = sorted(set(run_ids))
+    ids = sorted(set(run_names))
     if len(ids) < 2:
         raise MirageError(
             f"cross-fitted ensembles need at least 2 validation runs (one fold each), got {ids} "
@@ -336,7 +336,7 @@ def cross_fit(
         best = int(np.argmax([score[fit, i, e] for i, e in zip(members, epochs)]))
         score_runs = (a, b)[sc]
         loaded = [load(i, e) for i, e in zip(members, epochs)]
-        ens = {s: {k: np.einsum("mtp,mp->tp", np.stack([p[s][k] for p in loaded]).astype(np.float64), w[:, j])
+        ens = {s: {k: combine(np.stack([p[s][k] for p in loaded]), w[:, j], np.float64)
                    for k in score_runs if k in targets.get(s, {})}
                for j, s in enumerate(subjects)}  # (T, P) per run
         r_ens, _ = fold_r(ens, targets, subjects, score_runs, edge_trs)  # (S, P)
@@ -411,8 +411,6 @@ def write_ensemble_dir(
     ``weights.npy`` (n_members, n_subjects, n_parcels) float32, ``members/<i>/`` copies of the
     members' exported model directories.
     """
-    from mirage.atomic import replacing_dir
-
     out = Path(out)
     if weights.ndim != 3 or weights.shape[:2] != (len(member_dirs), len(subjects)):
         raise ValueError(f"weights {weights.shape} do not match {len(member_dirs)} members x {len(subjects)} subjects")

@@ -54,7 +54,7 @@ def pearson_r_torch(pred, target, mask=None, eps: float = 1e-8):
     pred, target: Tensor (..., n_trs, n_parcels); mask: bool Tensor (..., n_trs) or None.
     Returns Tensor (..., n_parcels).
     """
-    import torch
+    import torch  # the numpy metrics load without torch; only the twin needs it
 
     dtype = torch.promote_types(pred.dtype, torch.float32)
     x, y = pred.to(dtype), target.to(dtype)

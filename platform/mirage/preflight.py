@@ -16,10 +16,12 @@ Checks (the names ``needs`` takes):
   ``data.subjects`` entry and runs in the training and validation splits;
 - ``features``: the feature store of ``features.*`` exists, was written with these extraction
   parameters and holds every stimulus the training and validation runs need;
-- ``model``: the model URI names a model: a local model directory, ``runs:/<id>/<path>`` with
-  artifacts there, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` in the registry.
+- ``model``: the model URI names a model: a local model directory, or a ``runs:/<id>/<path>``,
+  ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` URI whose MLflow store exists (a
+  local store's file) or answers (a server); the entry itself is looked up by
+  :func:`mirage.pipeline.predict.check_model`, still before Ray starts.
 
-No Ray here; MLflow only for ``runs:/`` and ``models:/`` URIs.
+Neither Ray nor MLflow here.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mirage.config import Config
+from mirage.data.layout import Release
+from mirage.data.splits import split_runs
 from mirage.errors import DataError, FeatureStoreError, ModelLoadError, ResourceError, TrackingError
+from mirage.features.store import open_store
 
 CHECKS = ("tracking", "gpus", "data", "features", "model")
 """Every check, in the order :func:`preflight` runs them (cheapest first)."""
@@ -220,9 +225,6 @@ def check_dataset(cfg: Config, splits: Iterable[str] = TRAINING_SPLITS) -> None:
     Raises:
         DataError: naming the folder, the subjects or the split that is missing.
     """
-    from mirage.data.layout import Release
-    from mirage.data.splits import split_runs
-
     root = Path(cfg.data.root)
     if not root.is_dir():
         raise DataError(
@@ -251,9 +253,6 @@ def check_dataset(cfg: Config, splits: Iterable[str] = TRAINING_SPLITS) -> None:
 
 def training_stimuli(cfg: Config, splits: Iterable[str] = TRAINING_SPLITS) -> list[str]:
     """Sorted stimulus ids of the runs of ``splits`` for ``data.subjects``."""
-    from mirage.data.layout import Release
-    from mirage.data.splits import split_runs
-
     release = Release(cfg.data.root)
     subjects = set(cfg.data.subjects)
     return sorted({r.stimulus_id for s in splits for r in split_runs(release, cfg.data, s) if r.subject in subjects})
@@ -265,8 +264,6 @@ def check_features(cfg: Config, splits: Iterable[str] = TRAINING_SPLITS) -> None
     Raises:
         FeatureStoreError: the store is missing, was written with other parameters, or lacks stimuli.
     """
-    from mirage.features.store import open_store
-
     store = open_store(cfg.features)
     needed = training_stimuli(cfg, splits)
     missing = [s for s in needed if not store.has(s)]
@@ -282,15 +279,17 @@ def check_features(cfg: Config, splits: Iterable[str] = TRAINING_SPLITS) -> None
 
 
 def check_model(uri: str, tracking_uri: str) -> None:
-    """``uri`` names a model that :meth:`mirage.predictor.Predictor.from_uri` can load, without downloading it.
+    """``uri`` is a model directory :func:`mirage.tracking.load_predictor` can load, or an MLflow URI
+    whose store is there (the entry in it: :func:`mirage.pipeline.predict.check_model`).
 
     Raises:
-        ModelLoadError: no model directory there, no such run or artifact, no such registered version.
+        ModelLoadError: no model directory there; no MLflow store at ``tracking_uri``.
+        TrackingError: the MLflow server at ``tracking_uri`` does not answer.
     """
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if not uri.startswith(MLFLOW_SCHEMES):
-        from mirage.predictor import model_kind
+        from mirage.predictor import model_kind  # imports torch (~2 s); commands import this module for --help
 
         model_kind(uri)
         return
@@ -300,48 +299,3 @@ def check_model(uri: str, tracking_uri: str) -> None:
         raise ModelLoadError(
             f"{uri}: no MLflow store at {tracking_uri} (tracking.uri); expected the store the model was logged to"
         )
-    from mlflow.exceptions import MlflowException
-
-    from mirage.tracking import client
-
-    c = client(tracking_uri)
-    try:
-        if uri.startswith("models:/"):
-            _check_registered(c, uri)
-        else:
-            _check_run_artifact(c, uri)
-    except MlflowException as e:
-        raise ModelLoadError(f"{uri}: not found in MLflow at {tracking_uri} ({_first_line(e.message)})") from None
-
-
-def _check_registered(c, uri: str) -> None:
-    ref, _, sub = uri[len("models:/"):].partition("/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        c.get_model_version_by_alias(name, alias)
-    elif sub and sub.split("/")[0].isdigit():
-        c.get_model_version(ref, sub.split("/")[0])
-    else:
-        raise ModelLoadError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-
-
-def _check_run_artifact(c, uri: str) -> None:
-    run_id, _, path = uri[len("runs:/"):].partition("/")
-    if not run_id:
-        raise ModelLoadError(f"{uri}: expected runs:/<run_id>/<artifact path>")
-    c.get_run(run_id)
-    path = path.strip("/")
-    if path and not _artifact_exists(c, run_id, path):
-        raise ModelLoadError(f"{uri}: run {run_id} has no artifact {path!r}; expected the model's artifact path")
-
-
-def _artifact_exists(c, run_id: str, path: str) -> bool:
-    parent, _, name = path.rpartition("/")
-    return any(f.path.rstrip("/") == path for f in c.list_artifacts(run_id, parent or None)) or bool(
-        c.list_artifacts(run_id, path)
-    )
-
-
-def _first_line(text: str) -> str:
-    return str(text).strip().splitlines()[0] if str(text).strip() else ""
-

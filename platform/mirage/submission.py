@@ -22,8 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from mirage.data.layout import TARGET_SETS
+from mirage.data.fmri import load_fmri, zscore
+from mirage.data.layout import TARGET_SETS, Release, read_pickled_dict
+from mirage.data.run_key import RunKey, run_keys
 from mirage.errors import DataError
+from mirage.metrics import EDGE_TRS, algonauts_score
 
 NPY_NAMES = {"friends-s7": "fmri_predictions_friends_s7.npy", "ood": "fmri_predictions_ood.npy"}
 ZIP_NAMES = {"friends-s7": "fmri_predictions_friends_s7.zip", "ood": "fmri_predictions_ood.zip"}
@@ -160,8 +163,6 @@ def read_submission(path: str | os.PathLike, max_bytes: int = 4 << 30) -> tuple[
         DataError: not a zip, not exactly one ``.npy``, too large, a refused pickle, not a dict
             of dicts of arrays.
     """
-    from mirage.data.layout import read_pickled_dict
-
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as zf:
@@ -206,8 +207,6 @@ def score_predictions(
         preds, targets: subject -> chunk key -> (n_trs, n_parcels), same keys and shapes.
         split: ``"ood"``, ``"friends-s7"`` or ``"val"``.
     """
-    from mirage.metrics import EDGE_TRS, algonauts_score
-
     if split not in (*TARGET_SETS, "val"):
         raise DataError(f"scoring split {split!r}: expected one of {[*TARGET_SETS, 'val']}")
     return algonauts_score(preds, targets, edge_trs=EDGE_TRS).flat()
@@ -243,25 +242,24 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
 
 
 def fmri_targets(root: str | os.PathLike, data_cfg, keys: Mapping[str, Any]) -> Predictions:
-    """Measured fMRI for every ``subject -> chunk`` in ``keys`` (z-scored per run when ``data.zscore``).
+    """Measured fMRI for every ``subject -> run name`` in ``keys`` (z-scored per run when ``data.zscore``).
 
-    Chunk keys are the task part of the run's h5 key (``s06e01a``, ``life01_run-2``).
+    Run names as :class:`mirage.data.run_key.RunKey` writes them (``s06e01a``, ``life01#2``; the h5
+    task form ``life01_run-2`` is read too); the result is keyed by the names given.
 
     Raises:
-        DataError: a chunk has no fMRI in the release (the test splits have none).
+        DataError: a run has no fMRI in the release (the test splits have none).
     """
-    from mirage.data.fmri import load_fmri, zscore
-    from mirage.data.layout import Release
-
     release = Release(root)
     out: Predictions = {}
-    for sub, chunks in keys.items():
-        runs = {r.key.split("task-", 1)[-1]: r for r in release.fmri_runs(sub)}
+    for sub, names in keys.items():
+        runs = dict(run_keys(release.fmri_runs(sub)))
         out[sub] = {}
-        for key in chunks:
-            if key not in runs:
-                raise DataError(f"{root}: no fMRI run for {sub}/{key} (the test splits release no fMRI)")
-            y = load_fmri(runs[key].path, runs[key].key)  # float32 (T, P)
+        for name in names:
+            run = runs.get(RunKey.parse(sub, name))
+            if run is None:
+                raise DataError(f"{root}: no fMRI run for {sub}/{name} (the test splits release no fMRI)")
+            y = load_fmri(run.path, run.key)  # float32 (T, P)
             # population std (ddof 0) and no threshold: Pearson r does not depend on the scale
-            out[sub][key] = zscore(y, eps=0.0, ddof=0) if data_cfg.zscore else y.astype(np.float32)
+            out[sub][name] = zscore(y, eps=0.0, ddof=0) if data_cfg.zscore else y.astype(np.float32)
     return out

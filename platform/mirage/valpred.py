@@ -1,8 +1,10 @@
-"""Whole-run validation predictions of a model, keyed as the ensemble reads them.
+"""Whole-run validation predictions of a model in training, keyed as the ensemble reads them.
 
 The training loop saves one set per epoch (``ensemble.epoch_predictions``), so that an ensemble
 can choose each member's epoch on one fold of the validation runs and be scored on the other
-(:func:`mirage.ensemble.cross_fit`). Pure torch/numpy: no Ray, no MLflow.
+(:func:`mirage.ensemble.cross_fit`). The live model predicts through
+:meth:`mirage.predictor.Predictor.from_model`, the path every other prediction takes. Pure
+torch/numpy: no Ray, no MLflow.
 """
 
 from __future__ import annotations
@@ -10,62 +12,39 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from mirage.config import Config
+from mirage.data.layout import Release
+from mirage.data.run_key import RunKey, nest, run_keys
+from mirage.data.splits import split_runs
+from mirage.predictor import Predictor, predict_stored
+from mirage.train.data import _fmri_shape
 
 Predictions = dict[str, dict[str, np.ndarray]]
 
 
-def run_ids(runs) -> dict[str, dict[str, Any]]:
-    """subject -> run id -> FmriRun: the run id is the stimulus id, ``#2``, ``#3`` appended when a subject saw it again.
-
-    runs: FmriRun records of one split, in release order.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        mine = out.setdefault(run.subject, {})
-        key, n = run.stimulus_id, 1
-        while key in mine:
-            n += 1
-            key = f"{run.stimulus_id}#{n}"
-        mine[key] = run
-    return out
+def validation_keys(cfg: Config) -> list[tuple[RunKey, Any]]:
+    """(RunKey, FmriRun) of every validation run of ``cfg.data.subjects``, in release order."""
+    subjects = set(cfg.data.subjects)
+    runs = [r for r in split_runs(Release(cfg.data.root), cfg.data, "val") if r.subject in subjects]
+    return run_keys(runs)
 
 
-def predict_validation(model, cfg: Config, ds, device) -> Predictions:
-    """Predict every validation run of ``ds`` whole, window by window (as :func:`mirage.analysis.predict_run`).
+def predict_validation(model: torch.nn.Module, cfg: Config, ds, device: torch.device) -> Predictions:
+    """Predict every validation run of ``ds`` whole, window by window.
 
-    Every rank of a sharded model must call this (the forward passes gather parameters).
+    Every rank of a sharded model must call this: all ranks predict the same runs in the same
+    batches, so they run the same forward passes (which gather parameters).
 
     Args:
-        model: the model (put in eval mode here).
-        ds: the validation :class:`mirage.train.data.WindowDataset` (its store, layers, runs).
+        model: the model in training (put in eval mode here).
+        ds: the validation :class:`mirage.train.data.WindowDataset` (its store and layers).
         device: where the model lives.
     Returns:
-        subject -> run id -> (n_trs, n_parcels) float32.
+        subject -> run name (``s06e01a``, ``s06e01a#2``) -> (n_trs, n_parcels) float32.
     """
-    import torch
-
-    from mirage.analysis import model_inputs
-    from mirage.data.layout import Release
-    from mirage.data.splits import split_runs
-    from mirage.data.windows import windows_for_prediction
-    from mirage.train.data import _fmri_shape
-
-    subjects = list(cfg.data.subjects)
-    runs = [r for r in split_runs(Release(cfg.data.root), cfg.data, "val") if r.subject in subjects]
-    model.eval()
-    out: Predictions = {}
-    with torch.no_grad():
-        for sub, rs in run_ids(runs).items():
-            sid = torch.tensor([subjects.index(sub)], device=device)
-            for key, run in rs.items():
-                n_trs = _fmri_shape(str(run.path), run.key)[0]
-                feats = ds.store.read(run.stimulus_id)
-                rows = []
-                for w in windows_for_prediction(n_trs, cfg.data, ds.store.rate_hz, len(feats)):
-                    x = model_inputs(feats, ds.layers, list(cfg.model.modalities), w.frame_start, w.frame_stop)
-                    y = model({m: t.to(device) for m, t in x.items()}, sid)[0]  # (window_trs, P)
-                    rows.append(y[: w.n_valid].float().cpu().numpy())
-                out.setdefault(sub, {})[key] = np.concatenate(rows)[:n_trs].astype(np.float32)
-    return out
+    predictor = Predictor.from_model(model, cfg, ds.layers, device, n_layers=ds.store.n_layers,
+                                     window_batch=cfg.serve.window_batch)
+    runs = {key: _fmri_shape(str(run.path), run.key)[0] for key, run in validation_keys(cfg)}
+    return nest(predict_stored(predictor, ds.store, runs))

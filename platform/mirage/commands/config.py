@@ -7,16 +7,15 @@ import json
 
 import yaml
 
-from mirage.cli import command
 from mirage.config import Config
 
 
-def _show_args(p: argparse.ArgumentParser) -> None:
+def add_show_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of YAML")
 
 
-@command("config show", "print the resolved config (after --config, --set and path resolution)", _show_args)
-def config_show(cfg: Config, a: argparse.Namespace) -> int:
+def show(cfg: Config, a: argparse.Namespace) -> int:
+    """Print the resolved config (after --config, --set and path resolution)."""
     tree = cfg.to_dict()
     if a.json:
         print(json.dumps(tree, indent=2))

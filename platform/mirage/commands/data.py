@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mirage.cli import command
 from mirage.config import Config
+from mirage.data.check import check_dataset, print_report
+from mirage.data.synth import write_synthetic
 
 
-def _synth_args(p: argparse.ArgumentParser) -> None:
+def add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="dataset directory to write")
     p.add_argument("--episodes", type=int, default=None, help="episodes per Friends season")
     p.add_argument("--seconds", type=float, default=None, help="duration of every run in seconds")
@@ -17,10 +18,8 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed")
 
 
-@command("data synth", "write a synthetic dataset in the Algonauts 2025 layout", _synth_args)
-def data_synth(cfg: Config, a: argparse.Namespace) -> int:
-    from mirage.data.synth import write_synthetic
-
+def synth(cfg: Config, a: argparse.Namespace) -> int:
+    """Write a synthetic dataset in the Algonauts 2025 layout."""
     updates: dict[str, Any] = {
         f"data.synth.{f}": getattr(a, f) for f in ("episodes", "seconds", "parcels", "seed") if getattr(a, f) is not None
     }
@@ -30,15 +29,13 @@ def data_synth(cfg: Config, a: argparse.Namespace) -> int:
     return 0
 
 
-def _check_args(p: argparse.ArgumentParser) -> None:
+def add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="dataset directory in the Algonauts 2025 layout")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-@command("data check", "validate a dataset directory", _check_args)
-def data_check(cfg: Config, a: argparse.Namespace) -> int:
-    from mirage.data.check import check_dataset, print_report
-
+def check(cfg: Config, a: argparse.Namespace) -> int:
+    """Validate a dataset directory."""
     report = check_dataset(a.root, cfg.data, progress=True, media_tolerance_s=cfg.features.media_tolerance_s)
     print_report(report, as_json=a.json)
     return 0 if report["ok"] else 1

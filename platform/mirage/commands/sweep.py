@@ -9,61 +9,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-from mirage.cli import command
 from mirage.config import Config
-from mirage.errors import DataError, MirageError
-from mirage.preflight import on_cluster, preflight
+from mirage.preflight import preflight
 
 
-def _has_dataset(root: Path) -> bool:
-    return (root / "fmri").is_dir() and (root / "stimuli").is_dir()
-
-
-def ensure_inputs(cfg: Config) -> None:
-    """Dataset and feature store, created on the embedded default when missing.
-
-    The synthetic dataset is written to a missing ``data.root`` only by a local run of a preset
-    that says so (``data.synthetic``, the demo); otherwise a missing or empty ``data.root`` is a
-    DataError naming it. Missing features are extracted (only what is missing).
-    """
-    root = Path(cfg.data.root)
-    if not _has_dataset(root):
-        if on_cluster(cfg):
-            raise DataError(
-                f"data.root={root}: no dataset there (expected fmri/ and stimuli/ in the Algonauts 2025 layout); "
-                "on a cluster stage the dataset on shared storage and pass --set data.root=<path>"
-            )
-        if not cfg.data.synthetic:
-            state = "does not exist" if not root.exists() else "no dataset there"
-            raise DataError(
-                f"data.root={root}: {state} (expected fmri/ and stimuli/ in the Algonauts 2025 layout); "
-                "point it to the release with --set data.root=<path>, or set data.synthetic=true "
-                "to write the synthetic dataset there"
-            )
-        from mirage.data.synth import write_synthetic
-
-        print(f"[mirage] data.synthetic=true: writing the synthetic dataset to {root}", flush=True)
-        write_synthetic(root, cfg.data.synth, tr=cfg.data.tr, progress=False)
-    from mirage.features.extract import stimuli_of
-    from mirage.features.store import open_store
-
-    store = open_store(cfg.features, must_exist=False)
-    missing = [s for s in stimuli_of(cfg) if store is None or not store.has(s)]
-    if missing:
-        from mirage.distributed.extract import run_extract
-
-        print(f"[mirage] extracting features of {len(missing)} stimuli into {cfg.features.store}", flush=True)
-        result = run_extract(cfg)
-        failed = getattr(result, "failed", None)
-        if failed:
-            raise MirageError(f"feature extraction failed for {failed}; see `mirage extract` for details")
-
-
-def _ensemble_args(p: argparse.ArgumentParser) -> None:
+def add_ensemble_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-analysis", action="store_true", help="do not log interpretability artifacts")
     p.add_argument(
         "--promote", action="store_true",
@@ -80,66 +35,38 @@ def _ensemble_overrides(cfg: Config, a: argparse.Namespace) -> Config:
     return cfg
 
 
-def _sweep_args(p: argparse.ArgumentParser) -> None:
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ensemble", action="store_true", help="stop after the sweep")
-    _ensemble_args(p)
+    add_ensemble_args(p)
 
 
-@command("sweep", "the main job: data and features, Tune sweep, ensemble, registry", _sweep_args)
 def sweep(cfg: Config, a: argparse.Namespace) -> int:
-    from mirage.distributed.cluster import init_ray
-    from mirage.distributed.sweep import run_sweep
-
+    """The main job: data and features, Tune sweep, ensemble, registry."""
     cfg = _ensemble_overrides(cfg, a)
     preflight(cfg, {"tracking", "gpus"})
-    import ray
+    from mirage.pipeline.sweep import sweep_and_ensemble  # lazy: see mirage.commands
 
-    try:
-        ensure_inputs(cfg)
-        preflight(cfg, {"data", "features"})
-        init_ray(cfg.ray)
-        res = run_sweep(cfg)
-        if res.interrupted:
-            print(f"[mirage] sweep {cfg.sweep.name} interrupted; run the same command again to resume it", file=sys.stderr)
-            return 130
-        outcome = None
-        if not a.no_ensemble:
-            from mirage.distributed.ensemble import build_ensemble
-
-            outcome = build_ensemble(cfg, res)
-        print_summary(cfg, res, outcome)
-        return 0
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    done = sweep_and_ensemble(cfg, ensemble=not a.no_ensemble)
+    if done.sweep.interrupted:
+        print(f"[mirage] sweep {cfg.sweep.name} interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
+    print_summary(cfg, done.sweep, done.ensemble)
+    return 0
 
 
-@command("ensemble", "train the members of a finished sweep, weight them, register the ensemble", _ensemble_args)
 def ensemble(cfg: Config, a: argparse.Namespace) -> int:
-    from mirage.distributed.cluster import init_ray
-    from mirage.distributed.ensemble import build_ensemble
-    from mirage.distributed.sweep import load_sweep
-
+    """Train the members of a finished sweep, weight them, register the ensemble."""
     cfg = _ensemble_overrides(cfg, a)
     preflight(cfg, {"tracking", "gpus", "data", "features"})
-    res = load_sweep(cfg)
-    import ray
+    from mirage.pipeline.sweep import ensemble_of_sweep  # lazy: see mirage.commands
 
-    try:
-        init_ray(cfg.ray)
-        outcome = build_ensemble(cfg, res)
-        print_summary(cfg, res, outcome)
-        return 0
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    done = ensemble_of_sweep(cfg)
+    print_summary(cfg, done.sweep, done.ensemble)
+    return 0
 
 
 def print_summary(cfg: Config, res, outcome) -> None:
     """Best trial and its config; ensemble vs best single member per subject; the MLflow UI command."""
-    from rich.console import Console
-    from rich.table import Table
-
     con = Console(width=None if sys.stdout.isatty() else 160)
     best = res.best
     t = Table(title=f"Sweep {res.name}: {len(res.trials)} trials, best {res.metric} ({res.mode})")

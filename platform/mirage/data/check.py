@@ -214,7 +214,7 @@ def _check_media(st: Stimulus, rep: _Report, tolerance_s: float) -> dict:
                 rep.error(f"{st.video}: duration {duration} s, expected > 0")
                 return facts
             v, a = m.video_info, m.audio_info
-            facts.update(duration=round(duration, 3), fps=round(v.fps, 3), size=[v.width, v.height],
+            facts.update(duration=m.length_s, fps=round(v.fps, 3), size=[v.width, v.height],
                          video_codec=v.codec, sample_rate=a.sample_rate, channels=a.channels, audio_codec=a.codec)
             try:
                 ends = m.check_complete(tolerance_s)

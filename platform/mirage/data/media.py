@@ -152,6 +152,12 @@ class MediaReader:
         raise DataError(f"{self.path}: duration unknown (no duration in the container or stream headers)")
 
     @property
+    def length_s(self) -> float:
+        """:attr:`duration` to the millisecond: the stimulus length that ``data check`` and the training
+        windows reconcile with the fMRI run's (:func:`mirage.data.fmri.reconcile_lengths`)."""
+        return round(float(self.duration), 3)
+
+    @property
     def printed_duration(self) -> float:
         """The container duration rounded to 10 ms as ffmpeg prints it (``Duration: 00:00:15.15``).
 

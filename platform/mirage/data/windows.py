@@ -6,6 +6,8 @@ seconds. A window of ``window_trs`` fMRI rows starting at TR ``tr_start`` reads
 ``hrf_delay_trs`` TRs earlier, i.e. at frame ``round((tr_start - hrf_delay_trs) * tr * rate_hz)``.
 Frame indices may fall below 0 or past the last frame: those rows are zero
 padding. fMRI rows past the end of the run are padding too; ``mask`` marks the real ones.
+:func:`run_windows` first reconciles the run's length with its stimulus' by the rule of
+``data check`` (:func:`mirage.data.fmri.reconcile_lengths`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mirage.config import DataConfig
+from mirage.data.fmri import reconcile_lengths
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,20 @@ def make_windows(n_trs: int, cfg: DataConfig, rate_hz: float, n_frames: int, str
             n_valid=min(cfg.window_trs, n_trs - start),
         ))
     return out
+
+
+def run_windows(
+    n_fmri_trs: int, duration_s: float, cfg: DataConfig, rate_hz: float, n_frames: int, where: str = "",
+    stride_trs: int | None = None,
+) -> list[Window]:
+    """:func:`make_windows` of one fMRI run after reconciling its length with its stimulus'.
+
+    The rule of ``data check`` (:func:`~mirage.data.fmri.reconcile_lengths`): every fMRI row is kept
+    (rows past the stimulus read zero features), and a run more than ``cfg.max_length_mismatch_trs``
+    TRs longer or shorter than ``ceil(duration_s / cfg.tr)`` raises DataError naming ``where``.
+    """
+    r = reconcile_lengths(n_fmri_trs, duration_s, cfg.tr, cfg.max_length_mismatch_trs, where=where)
+    return make_windows(r.n_trs, cfg, rate_hz, n_frames, stride_trs)
 
 
 def windows_for_prediction(n_trs: int, cfg: DataConfig, rate_hz: float, n_frames: int) -> list[Window]:

@@ -1,4 +1,5 @@
-"""Connecting to Ray: a cluster when one is named or we run inside a Ray job, else a local Ray.
+"""Connecting to Ray: a cluster when one is named or we run inside a Ray job, else a local Ray;
+:func:`ray_session` scopes it to a block (what a block started, it shuts down).
 
 A local Ray's gRPC servers (GCS, raylet, workers) listen on every interface, so a local Ray
 keeps Ray's token authentication: the token lives in a file only its owner can read
@@ -11,12 +12,42 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from mirage.config import RayConfig
+import ray
+from ray._raylet import AuthenticationTokenLoader
+from ray._raylet import Config as RayletConfig
+
+from mirage.config import Config, RayConfig
 from mirage.errors import MirageError
+from mirage.preflight import check_gpus, gpus_needed
 
 TOKEN_BYTES = 32
+
+
+@contextmanager
+def ray_session(cfg: RayConfig, *, start: bool = True) -> Iterator[None]:
+    """Ray for the duration of a ``with`` block; shut down at its end only if this block started it.
+
+    Args:
+        cfg: how to join or start Ray (:func:`init_ray`).
+        start: join or start Ray on entry; ``False`` leaves that to the first Ray call inside the
+            block (a block that needs no Ray then starts none), which is still shut down at its end.
+
+    A session entered while this process is already connected (an enclosing ``ray_session``, a
+    test's fixture) joins that Ray and leaves it running. Shutting down a cluster's Ray only
+    disconnects this process from the cluster.
+    """
+    running = ray.is_initialized()
+    try:
+        if start:
+            init_ray(cfg)
+        yield
+    finally:
+        if not running and ray.is_initialized():
+            ray.shutdown()
 
 
 def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
@@ -28,8 +59,6 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
     so that Tune trials and their Train workers never wait on each other), token
     authentication as ``cfg.auth`` says, and its dashboard bound to 127.0.0.1.
     """
-    import ray
-
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or cfg.address
@@ -91,9 +120,7 @@ def ensure_token_file(path: Path) -> Path:
 
 def _forget_cached_token() -> None:
     """Make Ray's token loader read the token (file) again: it caches the first one it saw."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
+    RayletConfig.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
 
 
@@ -104,8 +131,6 @@ def cluster_gpus() -> float:
     groups can scale to, whichever is larger (a cluster scaled to zero GPU workers can still get
     them). Ray must be initialised.
     """
-    import ray
-
     now = float(ray.cluster_resources().get("GPU", 0.0))
     try:
         from ray._private.state import state
@@ -116,14 +141,12 @@ def cluster_gpus() -> float:
     return max(now, float(bound))
 
 
-def check_cluster_gpus(cfg, use: str) -> None:
+def check_cluster_gpus(cfg: Config, use: str) -> None:
     """Fail fast when ``cfg``'s GPU request for ``use`` (``train``, ``extract``, ``serve``, ``predict``)
     exceeds :func:`cluster_gpus`; Ray must be initialised.
 
     Raises:
         ResourceError: naming the setting, the GPUs requested and the cluster's.
     """
-    from mirage.preflight import check_gpus, gpus_needed
-
     if gpus_needed(cfg, use) > 0:
         check_gpus(cfg, use, present=cluster_gpus(), where="the Ray cluster")

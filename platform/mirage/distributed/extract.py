@@ -17,10 +17,20 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import ray
 
 from mirage.config import MODALITIES, Config, FeaturesConfig
+from mirage.distributed.cluster import check_cluster_gpus, init_ray
 from mirage.errors import MirageError
-from mirage.features.extract import ExtractResult, ItemFeatures, StimulusPlan, WorkItem, plan_items, stimuli_of
+from mirage.features.extract import (
+    ExtractResult,
+    Extractor,
+    ItemFeatures,
+    StimulusPlan,
+    WorkItem,
+    plan_items,
+    stimuli_of,
+)
 from mirage.features.store import PartialWrite, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -30,8 +40,6 @@ class ExtractActor:
     """Ray Data callable class: one backbone per actor; a batch of work items -> their features."""
 
     def __init__(self, features_cfg: dict[str, Any]):
-        from mirage.features.extract import Extractor
-
         self.extractor = Extractor(FeaturesConfig.model_validate(features_cfg))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -104,10 +112,6 @@ def run_extract(
 
 
 def _run(cfg: Config, writer: StoreWriter, overwrite: bool, stimuli, say, t0: float) -> ExtractResult:
-    import ray
-
-    from mirage.distributed.cluster import check_cluster_gpus, init_ray
-
     result = ExtractResult(store=writer.root)
     items, plans = plan(cfg, writer, overwrite, result, stimuli)
     expected: dict[str, int] = {}

@@ -1,13 +1,14 @@
-"""Batch prediction of a whole split on a Ray Data actor pool, with the Serve predictor class.
+"""Batch prediction of a whole split on a Ray Data actor pool.
 
-One row per (subject, run): the actors (``cfg.serve.predict_actors``) each load the model once
-(:meth:`Predictor.from_uri`) and open the feature store the model was trained on, read the
-runs' features and predict a batch of runs at a time. The driver gathers
-``{subject: {chunk_key: (n_trs, n_parcels)}}``.
+One row per run (:class:`mirage.data.run_key.RunKey`): the actors (``cfg.serve.predict_actors``)
+each load the model once (:func:`mirage.tracking.models.load_predictor`) and open the feature store
+the model was trained on, read the runs' features and predict a batch of runs at a time through
+:meth:`mirage.predictor.Predictor.predict_runs`. The driver gathers
+``{subject: {run name: (n_trs, n_parcels)}}``, the layout of the submission files.
 
-Runs per split: ``friends-s7`` / ``ood`` -> the target sample numbers of the release (chunk
-key = stimulus id); ``val`` -> the fMRI runs of ``data.val`` (chunk key = the run's task,
-e.g. ``s06e01a``, n_trs = its fMRI length).
+Runs per split: ``friends-s7`` / ``ood`` -> the target sample numbers of the release (run name =
+the chunk key, the stimulus id); ``val`` -> the fMRI runs of ``data.val`` (run name ``s06e01a``,
+``#2`` appended for a repeated viewing; n_trs = its fMRI length).
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 
 from mirage.config import Config
-from mirage.data.layout import TARGET_SETS
+from mirage.data.fmri import load_fmri
+from mirage.data.layout import TARGET_SETS, Release
+from mirage.data.run_key import RunKey, nest
+from mirage.distributed.cluster import check_cluster_gpus, init_ray
 from mirage.errors import DataError, FeatureStoreError
+from mirage.predictor import open_model_store, stored_runs
+from mirage.tracking.models import load_predictor
+from mirage.valpred import validation_keys
 
 PREDICT_SPLITS = (*TARGET_SETS, "val")
 """What ``split_items`` enumerates: the official target sets and the validation runs."""
@@ -27,39 +35,30 @@ PREDICT_SPLITS = (*TARGET_SETS, "val")
 
 @dataclass(frozen=True)
 class RunItem:
-    """One run to predict."""
+    """One run to predict and its length in TRs."""
 
-    subject: str
-    chunk: str
-    stimulus: str
+    key: RunKey
     n_trs: int
 
-
-def chunk_key(fmri_key: str) -> str:
-    """``ses-003_task-s06e01a`` -> ``s06e01a``; ``ses-001_task-life01_run-2`` -> ``life01_run-2``."""
-    return fmri_key.split("task-", 1)[1] if "task-" in fmri_key else fmri_key
+    def row(self) -> dict[str, Any]:
+        """The Ray Data row of this run."""
+        k = self.key
+        return {"subject": k.subject, "stimulus": k.stimulus, "repeat": k.repeat, "n_trs": self.n_trs}
 
 
 def split_items(cfg: Config, split: str) -> list[RunItem]:
     """The runs of ``split`` for every subject of ``cfg.data.subjects`` in the release."""
-    from mirage.data.layout import Release
-
     if split not in PREDICT_SPLITS:
         raise DataError(f"split {split!r}: expected one of {list(PREDICT_SPLITS)}")
-    release = Release(cfg.data.root)
     items: list[RunItem] = []
     if split == "val":
-        from mirage.data.fmri import load_fmri
-        from mirage.data.splits import split_runs
-
-        for run in split_runs(release, cfg.data, "val"):
-            if run.subject in cfg.data.subjects:
-                n_trs = load_fmri(run.path, run.key).shape[0]
-                items.append(RunItem(run.subject, chunk_key(run.key), run.stimulus_id, int(n_trs)))
+        for key, run in validation_keys(cfg):
+            items.append(RunItem(key, int(load_fmri(run.path, run.key).shape[0])))
     else:
+        release = Release(cfg.data.root)
         for sub in cfg.data.subjects:
             for chunk, n_trs in sorted(release.target_samples(sub, split).items()):
-                items.append(RunItem(sub, chunk, chunk, int(n_trs)))
+                items.append(RunItem(RunKey(sub, chunk), int(n_trs)))
     if not items:
         raise DataError(f"{cfg.data.root}: no runs for split {split!r} (subjects {cfg.data.subjects})")
     return items
@@ -69,12 +68,9 @@ class PredictActor:
     """Ray Data callable class: one Predictor and feature store per actor; rows of runs -> predictions."""
 
     def __init__(self, model_uri: str, cfg_tree: dict[str, Any]):
-        from mirage.distributed.serve import open_model_store
-        from mirage.predictor import Predictor
-
         cfg = Config.model_validate(cfg_tree)
         device = "cuda" if cfg.serve.gpus_per_replica > 0 else "cpu"
-        self.predictor = Predictor.from_uri(
+        self.predictor = load_predictor(
             model_uri, tracking_uri=cfg.tracking.uri, device=device, window_batch=cfg.serve.window_batch
         )
         self.store = open_model_store(self.predictor, cfg.features.store)
@@ -82,17 +78,15 @@ class PredictActor:
             raise FeatureStoreError(f"no feature store of this model under {cfg.features.store}; run `mirage extract`")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from mirage.predictor import RunRequest
-
-        reqs = []
-        for stim, sub, n in zip(batch["stimulus"], batch["subject"], batch["n_trs"]):
-            if not self.store.has(str(stim)):
-                raise FeatureStoreError(f"feature store {self.store.key}: no features for {stim!r}; run `mirage extract`")
-            reqs.append(RunRequest(self.store.read(str(stim)), str(sub), int(n)))
-        preds = self.predictor.predict_runs(reqs)
+        runs = {
+            RunKey(str(sub), str(stim), int(rep)): int(n)
+            for sub, stim, rep, n in zip(batch["subject"], batch["stimulus"], batch["repeat"], batch["n_trs"])
+        }
+        preds = self.predictor.predict_runs(stored_runs(self.store, runs))
         return {
             "subject": list(batch["subject"]),
-            "chunk": list(batch["chunk"]),
+            "stimulus": list(batch["stimulus"]),
+            "repeat": list(batch["repeat"]),
             "n_trs": [p.shape[0] for p in preds],
             "n_parcels": [p.shape[1] for p in preds],
             "prediction": [p.tobytes() for p in preds],
@@ -100,15 +94,11 @@ class PredictActor:
 
 
 def predict_split(cfg: Config, model_uri: str, split: str, runs_per_batch: int = 4) -> dict[str, dict[str, np.ndarray]]:
-    """Predict every run of ``split``: ``{subject: {chunk_key: float32 (n_trs, n_parcels)}}``."""
-    import ray
-
-    from mirage.distributed.cluster import check_cluster_gpus, init_ray
-
+    """Predict every run of ``split``: ``{subject: {run name: float32 (n_trs, n_parcels)}}``."""
     items = split_items(cfg, split)
     init_ray(cfg.ray)
     check_cluster_gpus(cfg, "predict")  # a GPU request the cluster can never meet would wait forever
-    ds = ray.data.from_items([vars(i) for i in items])
+    ds = ray.data.from_items([i.row() for i in items])
     out = ds.map_batches(
         PredictActor,
         fn_constructor_kwargs={"model_uri": model_uri, "cfg_tree": cfg.to_dict()},
@@ -117,11 +107,11 @@ def predict_split(cfg: Config, model_uri: str, split: str, runs_per_batch: int =
         num_cpus=cfg.serve.cpus_per_replica,
         num_gpus=cfg.serve.gpus_per_replica,
     )
-    preds: dict[str, dict[str, np.ndarray]] = {}
+    preds: dict[RunKey, np.ndarray] = {}
     for row in out.iter_rows():
         arr = np.frombuffer(row["prediction"], dtype=np.float32).reshape(int(row["n_trs"]), int(row["n_parcels"]))
-        preds.setdefault(str(row["subject"]), {})[str(row["chunk"])] = arr.copy()
-    missing = [(i.subject, i.chunk) for i in items if i.chunk not in preds.get(i.subject, {})]
+        preds[RunKey(str(row["subject"]), str(row["stimulus"]), int(row["repeat"]))] = arr.copy()
+    missing = [i.key.name for i in items if i.key not in preds]
     if missing:
         raise RuntimeError(f"batch prediction lost runs {missing[:5]}")
-    return preds
+    return nest(preds)

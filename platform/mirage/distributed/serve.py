@@ -40,12 +40,13 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mirage.config import MODALITIES, Config, load_config, resolve_paths
+from mirage.distributed.cluster import check_cluster_gpus, init_ray
 from mirage.distributed.serve_api import (
     FeaturesQuery,
     Health,
     HTTPError,
-    PredictRequest,
     Prediction,
+    PredictRequest,
     error_responses,
     parse_json_object,
     redact,
@@ -54,7 +55,8 @@ from mirage.distributed.serve_api import (
 )
 from mirage.errors import DataError, FeatureStoreError, MirageError, PayloadError, PayloadTooLargeError
 from mirage.payload import FeatureSpec, read_features
-from mirage.predictor import Predictor, RunRequest
+from mirage.predictor import RunRequest, open_model_store
+from mirage.tracking.models import load_predictor
 
 NPY_MEDIA_TYPE = "application/x-npy"
 ROUTES = {
@@ -94,19 +96,6 @@ async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONR
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("request %s %s failed", request.method, request.url.path)
     return _error(500, "internal error; the server log has the details")
-
-
-def open_model_store(predictor: Predictor, store_root: str):
-    """The feature store the model was trained on, under ``store_root`` (None when absent)."""
-    from mirage.features.store import open_store
-
-    features = predictor.cfg.with_overrides({"features.store": store_root}).features
-    store = open_store(features, must_exist=False)
-    if store is not None and predictor.feature_key and store.key != predictor.feature_key:
-        raise FeatureStoreError(
-            f"feature store {store_root}: key {store.key} differs from the model's training features {predictor.feature_key}"
-        )
-    return store
 
 
 def model_label(source: str) -> str:
@@ -157,7 +146,7 @@ class MirageService:
         self.max_json_bytes = int(s.max_json_kb * 1024)
         self.max_array_bytes = int(s.max_uncompressed_mb * 1024 * 1024)
         device = "cuda" if s.gpus_per_replica > 0 else "cpu"
-        self.predictor = Predictor.from_uri(
+        self.predictor = load_predictor(
             model_uri, tracking_uri=cfg.tracking.uri, device=device, window_batch=s.window_batch
         )
         self.spec = FeatureSpec(len(MODALITIES), self.predictor.min_layers, self.predictor.dim)
@@ -330,8 +319,6 @@ def run_server(cfg: Config, model_uri: str, blocking: bool = True) -> str:
 
     With ``blocking`` the call serves until interrupted, then shuts Serve down.
     """
-    from mirage.distributed.cluster import check_cluster_gpus, init_ray
-
     init_ray(cfg.ray)
     check_cluster_gpus(cfg, "serve")  # a GPU request the cluster can never meet would wait forever
     serve.start(http_options=http_options(cfg))

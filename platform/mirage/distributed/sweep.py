@@ -30,8 +30,20 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+from ray import tune
+from ray.tune import ExperimentAnalysis
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from mirage import tracking
+from mirage.atomic import write_text
 from mirage.config import Config, ConfigError, ParamSpec
 from mirage.distributed import sweep_state
+from mirage.distributed.cluster import check_cluster_gpus
+from mirage.distributed.train import run_training
 from mirage.errors import MirageError
 from mirage.sweep_analysis import write_analysis
 
@@ -43,21 +55,13 @@ SWEEP_TAG = "mirage.sweep"
 
 
 def tune_domain(key: str, spec: ParamSpec):
-    """One ``ParamSpec`` -> a Tune distribution (``tune.randint`` is exclusive: high + 1)."""
-    from ray import tune
-
+    """One ``ParamSpec`` (bounds checked by the config) -> a Tune distribution (``tune.randint`` is exclusive: high + 1)."""
     if spec.kind == "choice":
-        if not spec.values:
-            raise ConfigError(f"sweep.space.{key}: kind 'choice' needs a non-empty 'values' list")
         return tune.choice(list(spec.values))
-    if spec.low is None or spec.high is None or spec.low > spec.high:
-        raise ConfigError(f"sweep.space.{key}: kind {spec.kind!r} needs low <= high, got low={spec.low} high={spec.high}")
     if spec.kind == "int":
         return tune.randint(int(spec.low), int(spec.high) + 1)
     if spec.kind == "float":
         return tune.uniform(spec.low, spec.high)
-    if spec.low <= 0:
-        raise ConfigError(f"sweep.space.{key}: kind 'loguniform' needs low > 0, got {spec.low}")
     return tune.loguniform(spec.low, spec.high)
 
 
@@ -111,8 +115,8 @@ class SweepResult:
     wall_s: float = 0.0
 
     def ranked(self) -> list[TrialInfo]:
-        """Trials with a metric, best first."""
-        ok = [t for t in self.trials if t.best is not None and math.isfinite(t.best)]
+        """Trials that did not fail and reported a metric, best first (a failed trial's config may fail again)."""
+        ok = [t for t in self.trials if t.status != "ERROR" and t.best is not None and math.isfinite(t.best)]
         return sorted(ok, key=lambda t: t.best, reverse=self.mode == "max")
 
     @property
@@ -122,8 +126,6 @@ class SweepResult:
 
     def save(self, path: str | Path) -> None:
         """Write the result as JSON (atomically)."""
-        from mirage.atomic import write_text
-
         write_text(path, json.dumps(asdict(self), indent=2, default=str))
 
     @classmethod
@@ -174,11 +176,6 @@ def make_trial_fn(base: dict[str, Any], parent_run_id: str):
     """The Tune function of one trial (a closure over the base config tree and the parent run)."""
 
     def mirage_trial(params: dict[str, Any]) -> None:
-        from ray import tune
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        from mirage.distributed.train import run_training
-
         trial_id = tune.get_context().get_trial_id()
         cfg = Config.model_validate(base).with_overrides(dict(params))
         run_training(
@@ -230,8 +227,6 @@ def asha(cfg: Config):
     training run exports and logs its model and closes its MLflow run. With one epoch there is
     nothing to stop early (FIFO).
     """
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     last_rung = cfg.train.epochs - 1
     if last_rung < 1:
         return FIFOScheduler()
@@ -246,12 +241,6 @@ def asha(cfg: Config):
 
 def build_tuner(cfg: Config, parent_run_id: str, restore: bool):
     """A fresh Tuner, or one restored from the sweep's saved Tune state."""
-    import optuna
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    import ray
-
     local = not (os.environ.get("RAY_ADDRESS") or cfg.ray.address)
     cpus = ray.cluster_resources().get("CPU") if local else None
     n_conc = concurrency(cfg, cpus)
@@ -289,8 +278,6 @@ def saved_trials(cfg: Config) -> list[TrialInfo]:
     Read back from the experiment state on disk: after a Ctrl-C, Tune stops the running
     trials in memory but the saved state still shows them unfinished (they resume).
     """
-    from ray.tune import ExperimentAnalysis
-
     ea = ExperimentAnalysis(str(experiment_path(cfg)), default_metric=cfg.sweep.metric, default_mode=cfg.sweep.mode)
     metric, mode = cfg.sweep.metric, cfg.sweep.mode
     out = []
@@ -323,11 +310,6 @@ def run_sweep(cfg: Config) -> SweepResult:
     ``interrupted`` is set when Tune was stopped (Ctrl-C) before every trial finished; running
     the same sweep again resumes it.
     """
-    from ray import tune
-
-    from mirage import tracking
-    from mirage.distributed.cluster import check_cluster_gpus
-
     check_cluster_gpus(cfg, "train")  # every trial's Train workers would wait forever for missing GPUs
     t0 = time.time()
     uri = cfg.tracking.uri

@@ -17,7 +17,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.distributed.checkpoint import FileSystemReader
+
 from mirage.config import Config
+from mirage.distributed.cluster import check_cluster_gpus, init_ray
+from mirage.train.loop import (
+    MODEL_DIR,
+    STATE_FILE,
+    VAL_R_FILE,
+    barrier,
+    fit,
+    is_complete,
+    mark_complete,
+)
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
 _NOT_IN_RUN_NAME = (  # where a run goes and what runs after it; none of these change the trained model
@@ -64,24 +81,17 @@ class RaySession:
     """:class:`mirage.train.loop.Session` inside a Ray Train worker."""
 
     def __init__(self, use_gpu: bool, run_dir: str | None = None):
-        import ray.train
-        import torch
-
         self.run_dir = Path(run_dir) if run_dir else None
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         if use_gpu and torch.cuda.is_available():
-            import ray.train.torch
-
             self.device = ray.train.torch.get_device()
         else:
             self.device = torch.device("cpu")
 
     def restore(self):
-        import ray.train
-
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             return _as_path(ckpt.as_directory())
@@ -96,10 +106,6 @@ class RaySession:
         rank's are, and rank 0 writes ``COMPLETE`` into the persisted ``<run_dir>/epoch_NNNN``.
         A folder left there by an earlier attempt at the same epoch is removed first.
         """
-        import ray.train
-
-        from mirage.train.loop import barrier, mark_complete
-
         name = f"epoch_{int(metrics['epoch']):04d}"
         persisted = self.run_dir / name if self.run_dir else None
         if persisted is not None and self.rank == 0 and persisted.exists():
@@ -119,10 +125,6 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     The marker is written last (:meth:`RaySession.report`), so a folder without it may be
     missing files of any rank, the exported model or the loop state.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from mirage.train.loop import STATE_FILE, is_complete
-
     for d in sorted(run_dir.glob("epoch_[0-9][0-9][0-9][0-9]"), reverse=True):
         if not is_complete(d) or not (d / STATE_FILE).is_file() or not (d / ".metadata").is_file():
             continue
@@ -143,13 +145,11 @@ def _as_path(cm):
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Per-worker entry point: ``config = {"cfg": Config dict, "tracking": {"uri", "run_id"} | None}``."""
-    from mirage.train.loop import fit
-
     cfg = Config.model_validate(config["cfg"])
     session = RaySession(cfg.train.use_gpu, config.get("run_dir"))
     on_epoch = on_val_predictions = None
     if config.get("tracking") and session.rank == 0:
-        from mirage.distributed.ensemble import EpochPredictionLogger
+        from mirage.tracking.predictions import EpochPredictionLogger
         from mirage.tracking import EpochLogger
 
         on_epoch = EpochLogger(config["tracking"]["uri"], config["tracking"]["run_id"])
@@ -165,9 +165,6 @@ def build_trainer(
     tracking: dict[str, str] | None = None,
 ):
     """The ``TorchTrainer`` of one run (also usable inside a Tune trial function)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     tc = cfg.train
     return TorchTrainer(
         train_worker,
@@ -192,8 +189,6 @@ def build_trainer(
 
 def _best_export(result) -> tuple[str | None, str | None]:
     """The exported model dir and val-r file of the best retained checkpoint holding an export."""
-    from mirage.train.loop import MODEL_DIR, VAL_R_FILE
-
     cands = []
     for ckpt, metrics in result.best_checkpoints or []:
         p = Path(ckpt.path)
@@ -228,8 +223,8 @@ def run_training(
         tags: extra MLflow tags; ``kind``: the ``mirage.kind`` tag (``train`` or ``trial``).
         track: open an MLflow run (``False``: Ray only).
     """
+    # MLflow only on the driver: every Train worker imports this module too
     from mirage import tracking as trk
-    from mirage.distributed.cluster import check_cluster_gpus, init_ray
 
     init_ray(cfg.ray)
     check_cluster_gpus(cfg, "train")  # a GPU request the cluster can never meet would wait forever

@@ -1,7 +1,7 @@
 """Backbone features of the stimuli.
 
-- ``backbone``: the Backbone interface and the name registry (every published backbone of the
-  paper's ablation and a tiny random variant per family)
+- ``backbone``: the name registry, each entry with its loader (every published backbone of the
+  paper's ablation and a tiny random variant per family); ``interface``: the loaded Backbone
 - ``families``: per-family thinker/processor classes and special-token strings (Qwen3-Omni, Qwen2.5-Omni)
 - ``tiny``: tiny random variants of the real architectures, built locally; ``pretrained``: checkpoints
 - ``inputs``: the reference's pass plan, frame counts, windows and read-out rules (pure functions)

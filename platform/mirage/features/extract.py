@@ -21,9 +21,11 @@ from typing import Protocol
 
 import numpy as np
 
-from mirage.config import MODALITIES, Config, FeaturesConfig
+from mirage.config import MODALITIES, MODALITY_AXIS, Config, FeaturesConfig
+from mirage.data.layout import Release
+from mirage.data.media import MediaReader
 from mirage.errors import DataError, MirageError
-from mirage.features.backbone import Backbone, load_backbone
+from mirage.features.backbone import load_backbone
 from mirage.features.inputs import (
     Pass,
     Transcript,
@@ -36,12 +38,12 @@ from mirage.features.inputs import (
     text_window,
     video_times,
 )
+from mirage.features.interface import Backbone
 from mirage.features.readout import PassRunner
 from mirage.features.store import StoreWriter
+from mirage.progress import tracked
 
 log = logging.getLogger(__name__)
-
-VISION, AUDIO, TEXT = (MODALITIES.index(m) for m in ("vision", "audio", "text"))
 
 
 # ------------------------------------------------------------------ planning
@@ -76,8 +78,6 @@ def plan_stimulus(video: str | Path, transcript: str | Path | None, cfg: Feature
     transcript, the audio and the video. A movie whose packets end more than
     ``cfg.media_tolerance_s`` before its declared duration (truncated or corrupt) raises DataError.
     """
-    from mirage.data.media import MediaReader
-
     with MediaReader(video) as m:
         vision_s = float(m.printed_duration)
         fps = float(m.video_info.fps)
@@ -123,7 +123,8 @@ def plan_items(stimulus_id: str, video: str, transcript: str | None, cfg: Featur
 
 
 class FeatureSink(Protocol):
-    """Where item features are assembled (the store's PartialWrite, or FeatureArrays)."""
+    """Where item features are assembled (the store's PartialWrite, or FeatureArrays); ``modality`` is
+    its index on the store's modality axis (``mirage.config.MODALITY_AXIS``)."""
 
     def set(self, modality: int, frame: int, vector: np.ndarray) -> None: ...
 
@@ -145,11 +146,11 @@ class ItemFeatures:
     def write(self, sink: FeatureSink) -> None:
         """Set the media frames and add the word vectors into their text frames."""
         for k, v in self.vision.items():
-            sink.set(VISION, k, v)
+            sink.set(MODALITY_AXIS["vision"], k, v)
         for k, v in self.audio.items():
-            sink.set(AUDIO, k, v)
+            sink.set(MODALITY_AXIS["audio"], k, v)
         for s, e, v in self.text:
-            sink.add(TEXT, s, e, v)
+            sink.add(MODALITY_AXIS["text"], s, e, v)
 
     def to_row(self) -> dict:
         """Plain lists and bytes (a Ray Data row)."""
@@ -244,8 +245,6 @@ class Extractor:
         if plan.audio_samples == 0:
             return None
         if self._audio is None or self._audio[0] != plan.video:
-            from mirage.data.media import MediaReader
-
             with MediaReader(plan.video) as m:
                 track = m.audio_track(self.cfg.audio_decode_rate, self.cfg.audio_rate, plan.vision_s,
                                       max_pad_s=self.cfg.media_tolerance_s)
@@ -260,8 +259,6 @@ class Extractor:
 
     def extract_passes(self, plan: StimulusPlan, start: int, stop: int) -> ItemFeatures:
         """Run passes [start, stop) of a planned stimulus."""
-        from mirage.data.media import MediaReader
-
         cfg, passes = self.cfg, plan.passes[start:stop]
         audio = self.audio_track(plan)
         indices = [frame_indices(video_times(p.cutoff, cfg, plan.vision_s), plan.vision_s, plan.fps) for p in passes]
@@ -343,8 +340,6 @@ def _batches(audio_lengths: list[int], size: int) -> list[list[int]]:
 
 def stimuli_of(cfg: Config, stimuli: Iterable[str] | None = None) -> dict[str, tuple[str, str | None]]:
     """Stimulus id -> (video path, transcript path or None) from the dataset at ``cfg.data.root``."""
-    from mirage.data.layout import Release
-
     found = Release(cfg.data.root).stimuli()
     if stimuli is None:
         if not found:
@@ -378,8 +373,6 @@ def extract_all(
 
 def _extract_missing(cfg: Config, writer: StoreWriter, stimuli, overwrite: bool, extractor,
                      progress: bool = False) -> ExtractResult:
-    from mirage.progress import tracked
-
     result = ExtractResult(store=writer.root)
     for sid, (video, transcript) in tracked(stimuli_of(cfg, stimuli).items(), "extract", progress, name=lambda i: i[0]):
         if not overwrite and writer.has(sid):  # overwrite: the old features stay until the new ones commit

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mirage.config import FeaturesConfig
+from mirage.data.transcripts import read_rows
 
 CUTOFF_DECIMALS = 6
 """Cutoffs closer than this many decimals are one pass."""
@@ -53,8 +54,6 @@ def read_transcript(path: str | Path | None, row_seconds: float) -> Transcript |
     """Words and duration of an Algonauts transcript (None for no file)."""
     if path is None:
         return None
-    from mirage.data.transcripts import read_rows
-
     rows = read_rows(path)
     words = tuple(
         Word(i, str(w.text), float(w.onset), float(w.offset))

@@ -14,7 +14,8 @@ import numpy as np
 
 from mirage.config import MODALITIES, Config
 from mirage.errors import DataError
-from mirage.features.backbone import Backbone
+from mirage.features.extract import Extractor
+from mirage.features.interface import Backbone
 
 
 def extract_video(
@@ -32,8 +33,6 @@ def extract_video(
         ``{"vision", "audio", "text"}`` -> float32 (n_frames_m, n_layers, dim); frame k of each
         modality covers [k / rate_hz, (k + 1) / rate_hz) seconds.
     """
-    from mirage.features.extract import Extractor
-
     video = Path(video)
     if not video.is_file():
         raise DataError(f"{video}: movie file not found")

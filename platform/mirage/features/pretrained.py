@@ -12,14 +12,15 @@ import importlib.util
 
 from mirage.config import FeaturesConfig
 from mirage.errors import ModelLoadError
-from mirage.features.backbone import Backbone
 from mirage.features.families import Family
+from mirage.features.interface import Backbone
 
 
-def load_pretrained(cfg: FeaturesConfig, family: Family, name: str, model_id: str) -> Backbone:
-    """Load ``model_id`` at ``cfg.revision``: in ``cfg.dtype`` on the GPU when one is visible and
+def load_pretrained(cfg: FeaturesConfig, family: Family, name: str) -> Backbone:
+    """Load ``cfg.model_id`` at ``cfg.revision``: in ``cfg.dtype`` on the GPU when one is visible and
     ``cfg.gpus_per_actor > 0``, else in float32 on the CPU."""
-    import torch
+    model_id = cfg.model_id
+    import torch  # at call time: the registry imports this module and stays light
     from transformers import AutoConfig
 
     processor_cls, thinker_cls, _ = family.classes()

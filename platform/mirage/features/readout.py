@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mirage.config import FeaturesConfig
-from mirage.features.backbone import Backbone
+from mirage.features.interface import Backbone
 from mirage.features.inputs import TextWindow, audio_readout_rank
 
 TEXT_PREFIXES = ("", "\n", " ", "\n\n")

@@ -5,7 +5,8 @@ Layout::
     <features.store>/<key>/manifest.json
     <features.store>/<key>/<stimulus_id>.npy     float16 (n_frames, 3, n_layers, dim)
 
-Axis 1 holds the modalities in the order vision, audio, text (``mirage.config.MODALITIES``).
+Axis 1 holds the modalities in the order of ``mirage.config.MODALITIES`` (vision, audio, text), recorded
+in the manifest (``modalities``); a store recording another order is refused.
 Each modality has its own frame count (text from the transcript's length, audio and vision from
 the media's), recorded per stimulus in the manifest (``frames``); ``n_frames`` is the largest and a
 modality's rows past its own count are zero. Frame ``k`` of every modality covers the same time
@@ -36,7 +37,9 @@ import numpy as np
 
 from mirage.atomic import write_text
 from mirage.config import MODALITIES, FeaturesConfig
+from mirage.documents import read_mapping
 from mirage.errors import FeatureStoreError
+from mirage.features.backbone import BACKBONES
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -49,8 +52,6 @@ _PARAM_FIELDS = (
 
 def extraction_params(cfg: FeaturesConfig) -> dict[str, Any]:
     """Every setting that changes the stored numbers (the tiny backbone's sizes included)."""
-    from mirage.features.backbone import BACKBONES
-
     params: dict[str, Any] = {f: getattr(cfg, f) for f in _PARAM_FIELDS}
     entry = BACKBONES.get(cfg.backbone)
     if entry is not None and entry.builds_locally:  # a tiny random variant: its sizes are its weights
@@ -104,12 +105,10 @@ class FeatureStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         path = self.root / MANIFEST
-        if not path.is_file():
-            raise FeatureStoreError(f"{self.root}: no {MANIFEST}; expected a feature store written by `mirage extract`")
-        try:
-            self.manifest: dict[str, Any] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise FeatureStoreError(f"{path}: unreadable manifest ({e})") from None
+        self.manifest: dict[str, Any] = read_mapping(
+            path, FeatureStoreError, f"{self.root}: no {MANIFEST}; expected a feature store written by `mirage extract`"
+        )
+        _check_modalities(path, self.manifest)
         self.key: str = self.manifest.get("key", self.root.name)
         self._maps: dict[str, np.memmap] = {}
         self._views: dict[str, np.ndarray] = {}
@@ -495,6 +494,16 @@ class PartialWrite:
         self._drop_scratch()
         self.tmp.unlink(missing_ok=True)
         self.writer._open_parts.pop(id(self), None)
+
+
+def _check_modalities(path: Path, manifest: dict[str, Any]) -> None:
+    """The store's modality axis must be ``MODALITIES``: arrays are indexed by it, never by the manifest."""
+    stored = manifest.get("modalities")
+    if stored != list(MODALITIES):
+        raise FeatureStoreError(
+            f"{path}: modality axis {stored}; expected {list(MODALITIES)} (mirage.config.MODALITIES). "
+            f"Remove {path.parent} and run `mirage extract` again."
+        )
 
 
 def _check_params(root: Path, manifest: dict[str, Any], params: dict[str, Any]) -> None:

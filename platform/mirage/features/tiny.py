@@ -13,8 +13,9 @@ import json
 import string
 
 from mirage.config import FeaturesConfig, TinyBackboneConfig
-from mirage.features.backbone import Backbone
 from mirage.features.families import ENDOFTEXT, QWEN2_5_OMNI, QWEN3_OMNI, Family
+from mirage.features.interface import Backbone
+
 
 def _corpus() -> list[str]:
     """A small deterministic training text: letters, digits and common English words."""
@@ -167,7 +168,7 @@ _CONFIGS = {QWEN3_OMNI.name: thinker_config, QWEN2_5_OMNI.name: thinker_config_q
 
 def build_tiny(cfg: FeaturesConfig, family: Family, name: str) -> Backbone:
     """Build ``family``'s tiny thinker (float32, CPU) with seeded random weights, and its processor."""
-    import torch
+    import torch  # at call time, as transformers here: the registry imports this module and stays light
 
     _, thinker_cls, _ = family.classes()
     processor, video_kwargs = build_processor(cfg.tiny, cfg.audio_rate, family)
@@ -177,8 +178,3 @@ def build_tiny(cfg: FeaturesConfig, family: Family, name: str) -> Backbone:
         model = thinker_cls(config)
     model.eval().requires_grad_(False)
     return Backbone.from_loaded(name, model, processor, video_kwargs, family=family.name)
-
-
-def load_tiny(cfg: FeaturesConfig) -> Backbone:
-    """The ``tiny`` backbone: the tiny Qwen3-Omni thinker."""
-    return build_tiny(cfg, QWEN3_OMNI, "tiny")

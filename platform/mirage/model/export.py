@@ -20,6 +20,7 @@ from torch import Tensor
 
 from mirage.atomic import replacing_dir
 from mirage.config import Config, ConfigError, load_config
+from mirage.documents import read_mapping
 from mirage.errors import ModelLoadError
 from mirage.model.network import MirageModel, build_model
 
@@ -98,13 +99,8 @@ def save_exported(
 def read_exported_meta(directory: str | os.PathLike) -> dict[str, Any]:
     """``meta.json`` of an exported model, validated."""
     path = Path(directory) / META
-    if not path.is_file():
-        raise ModelLoadError(f"{directory}: not an exported model ({META} missing)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in SIZE_KEYS if k not in (meta if isinstance(meta, dict) else {})]
+    meta = read_mapping(path, ModelLoadError, f"{directory}: not an exported model ({META} missing)")
+    missing = [k for k in SIZE_KEYS if k not in meta]
     if missing:
         raise ModelLoadError(f"{path}: missing fields {missing}")
     dims = meta["feature_dims"]

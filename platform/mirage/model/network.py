@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mirage.config import ConfigError, ModelConfig
+from mirage.config import FUSION_ORDER, ConfigError, ModelConfig
 from mirage.model.encoder import BrainEncoder, EncoderBlock
 from mirage.model.head import SubjectLinear
 from mirage.model.pooler import LayerCrossAttentionPooler
@@ -43,6 +43,9 @@ class MirageModel(nn.Module):
             informative only (0 = unknown).
         n_parcels, n_subjects: readout size.
         n_output_trs: time steps after adaptive average pooling.
+
+    Modalities are fused in ``mirage.config.FUSION_ORDER`` (text, audio, vision), keeping those of
+    ``cfg.modalities``.
     """
 
     def __init__(
@@ -54,10 +57,13 @@ class MirageModel(nn.Module):
         n_output_trs: int,
     ) -> None:
         super().__init__()
+        unknown = [m for m in cfg.modalities if m not in FUSION_ORDER]
+        if unknown:
+            raise ConfigError(f"model.modalities: unknown modalities {unknown}; expected a subset of {list(FUSION_ORDER)}")
         missing = [m for m in cfg.modalities if m not in feature_dims]
         if missing:
             raise ConfigError(f"model.modalities: no feature dims for {missing} (have {sorted(feature_dims)})")
-        self.modalities = list(cfg.modalities)
+        self.modalities = [m for m in FUSION_ORDER if m in cfg.modalities]  # fusion order
         self.feature_dims = {m: (int(feature_dims[m][0]), int(feature_dims[m][1])) for m in self.modalities}
         self.n_parcels, self.n_subjects, self.n_output_trs = n_parcels, n_subjects, n_output_trs
         self.modality_dropout = cfg.modality_dropout

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
-from mirage.config import ModelConfig
+from mirage.config import FUSION_ORDER, ModelConfig
+from mirage.documents import read_mapping
 from mirage.errors import ModelLoadError
 from mirage.model.network import MirageModel, build_model
 
-REFERENCE_MODALITIES = ("text", "audio", "vision")
 ROTARY_BUFFER = "temporal_encoder.encoder.rotary_pos_emb.inv_freq"
 
 _SUBLAYER = re.compile(r"^temporal_encoder\.encoder\.layers\.(\d+)\.(.+)$")
@@ -166,19 +165,12 @@ def reference_model_args(
     the weights (``n_layers`` is unknown: reported as 0).
     """
     path = Path(config_yaml)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: reference config.yaml not found")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ModelLoadError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(tree, dict):
-        raise ModelLoadError(f"{path}: expected a mapping at the top level")
+    tree = read_mapping(path, ModelLoadError, f"{path}: reference config.yaml not found")
     model, stack, readout = (_section(tree, s, path) for s in ("model", "modality_stack", "readout"))
 
-    modalities = [m for m in REFERENCE_MODALITIES if f"layer_poolers.{m}.query_tokens" in state_dict]
+    modalities = [m for m in FUSION_ORDER if f"layer_poolers.{m}.query_tokens" in state_dict]
     if not modalities:
-        raise ModelLoadError("reference weights: no key layer_poolers.<text|audio|vision>.query_tokens")
+        raise ModelLoadError(f"reference weights: no key layer_poolers.<{'|'.join(FUSION_ORDER)}>.query_tokens")
     declared = tree.get("data", {}).get("modalities") if isinstance(tree.get("data"), dict) else None
     if declared is not None and set(declared) != set(modalities):
         raise ModelLoadError(f"{path}: data.modalities={declared} but the weights hold poolers for {modalities}")

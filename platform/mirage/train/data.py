@@ -1,7 +1,8 @@
 """Training samples: feature-store windows paired with z-scored fMRI windows.
 
-A :class:`WindowDataset` indexes every window of a split without reading any array;
-a window is read on demand: its feature rows from the store's memory map (float16,
+A :class:`WindowDataset` indexes every window of a split without reading any array
+(each run's length is first reconciled with its stimulus' by the rule of ``data check``,
+:func:`mirage.data.windows.run_windows`); a window is read on demand: its feature rows from the store's memory map (float16,
 zero rows past the stimulus edges) and its fMRI rows from its run, z-scored per parcel
 over the whole run (a few runs are kept in a small cache). :func:`epoch_plan` cuts an
 epoch into per-rank batches; :class:`PrefetchLoader` builds the next batches on
@@ -21,7 +22,12 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from mirage.config import MODALITIES, Config
+from mirage.config import MODALITIES, Config, ConfigError
+from mirage.data.fmri import load_fmri, zscore
+from mirage.data.layout import Release
+from mirage.data.media import MediaReader
+from mirage.data.splits import split_runs
+from mirage.data.windows import run_windows
 from mirage.errors import DataError, FeatureStoreError
 from mirage.train.batch import HostBatch
 
@@ -74,10 +80,6 @@ class WindowDataset:
     """
 
     def __init__(self, cfg: Config, split: str, store, cache_runs: int = 8):
-        from mirage.data.layout import Release
-        from mirage.data.splits import split_runs
-        from mirage.data.windows import make_windows
-
         self.cfg = cfg
         self.split = split
         self.store = store
@@ -87,6 +89,8 @@ class WindowDataset:
         self.n_parcels: int | None = None
         subjects = list(cfg.data.subjects)
         release = Release(cfg.data.root)
+        stimuli = release.stimuli()
+        lengths: dict[str, float] = {}  # stimulus id -> seconds
         for run in split_runs(release, cfg.data, split):
             if run.subject not in subjects:
                 continue
@@ -102,8 +106,12 @@ class WindowDataset:
                 self.n_parcels = shape[1]
             elif shape[1] != self.n_parcels:
                 raise DataError(f"{run.path}:{run.key}: {shape[1]} parcels, other runs have {self.n_parcels}")
+            if run.stimulus_id not in lengths:
+                with MediaReader(stimuli[run.stimulus_id].video) as movie:
+                    lengths[run.stimulus_id] = movie.length_s
             n_frames = store.n_frames(run.stimulus_id)
-            for w in make_windows(shape[0], cfg.data, store.rate_hz, n_frames):
+            where = f"{run.path}: key {run.key!r}"
+            for w in run_windows(shape[0], lengths[run.stimulus_id], cfg.data, store.rate_hz, n_frames, where):
                 self.refs.append(
                     WindowRef(
                         subject_index=subjects.index(run.subject),
@@ -135,8 +143,6 @@ class WindowDataset:
 
     def _run_fmri(self, path: str, key: str) -> np.ndarray:
         """(n_trs, n_parcels) float32, z-scored per parcel when ``data.zscore``."""
-        from mirage.data.fmri import load_fmri, zscore
-
         k = (path, key)
         with self._lock:
             if k in self._cache:
@@ -223,8 +229,6 @@ def epoch_plan(
     if n == 0:
         return EpochPlan([], [])
     if global_batch < world_size:
-        from mirage.config import ConfigError
-
         raise ConfigError(f"train.batch_size={global_batch} is smaller than the {world_size} workers")
     steps = math.ceil(n / global_batch)
     if shuffle:

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mirage.config import load_config
+from mirage.train.loop import LocalSession, fit
+
 SUMMARY = "summary.json"
 
 
@@ -32,9 +35,6 @@ def _device(use_gpu: bool):
 def run_rank(config_path: str, root: str) -> dict[str, Any]:
     """One rank: join the process group from the environment, train, leave."""
     import torch.distributed as dist
-
-    from mirage.config import load_config
-    from mirage.train.loop import LocalSession, fit
 
     cfg = load_config(config_path)
     device = _device(cfg.train.use_gpu)

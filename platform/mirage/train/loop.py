@@ -21,7 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mirage.atomic import write_text
 from mirage.config import Config
+from mirage.errors import DataError
+from mirage.features.store import open_store
+from mirage.model import build_model
+from mirage.model.export import save_exported
 from mirage.train import fsdp
 from mirage.train.data import PrefetchLoader, WindowDataset, epoch_plan
 from mirage.train.optim import build_grad_scaler, build_optimizer, build_scheduler
@@ -41,8 +46,6 @@ def mark_complete(path: Path, epoch: int, world_size: int) -> None:
     Raises:
         FileNotFoundError: ``path`` does not exist (a checkpoint that was never persisted is not marked).
     """
-    from mirage.atomic import write_text
-
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no checkpoint folder to mark complete")
     write_text(Path(path) / COMPLETE_FILE, json.dumps({"epoch": int(epoch), "world_size": int(world_size)}))
@@ -90,8 +93,6 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
 
 def build_for_data(cfg: Config, ds: WindowDataset):
     """The model for this dataset (feature dims, parcels, subjects, output TRs from the data)."""
-    from mirage.model import build_model
-
     return build_model(
         cfg.model,
         feature_dims=ds.feature_dims(),
@@ -236,16 +237,12 @@ def fit(
     ``ensemble.epoch_predictions``, ``on_val_predictions(epoch, subject -> run id -> (n_trs, P))``
     receives every epoch's whole-run validation predictions.
     """
-    from mirage.features.store import open_store
-
     started_at = time.time()
     tc = cfg.train
     store = store if store is not None else open_store(cfg.features)
     train_ds = WindowDataset(cfg, "train", store)
     val_ds = WindowDataset(cfg, "val", store)
     if len(train_ds) == 0:
-        from mirage.errors import DataError
-
         raise DataError(f"{cfg.data.root}: the train split {cfg.data.train} has no fMRI windows")
 
     seed_everything(tc.seed)
@@ -307,8 +304,6 @@ def fit(
 
 def _export(path: Path, cfg: Config, ds: WindowDataset, model, full: dict | None) -> None:
     """Save the model (or, when sharded, its gathered full state dict) as an exported directory."""
-    from mirage.model.export import save_exported
-
     save_exported(path, full if full is not None else model, cfg, export_meta(cfg, ds))
 
 

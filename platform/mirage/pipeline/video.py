@@ -16,7 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from mirage.config import MODALITIES, Config
+from mirage.data.media import MediaReader
 from mirage.errors import DataError, ModelLoadError
+from mirage.features.one import extract_video, save_features
+from mirage.features.store import store_key
+from mirage.tracking.models import load_predictor
 
 
 @dataclass
@@ -87,14 +91,9 @@ def predict_video(
         ModelLoadError: the model cannot be loaded or was trained on other features.
         DataError: the media, transcript or subject are not usable.
     """
-    from mirage.data.media import MediaReader
-    from mirage.features.one import extract_video
-    from mirage.features.store import store_key
-    from mirage.predictor import Predictor
-
     with MediaReader(video) as media:  # a missing or unreadable movie fails before the model loads
         duration = float(media.printed_duration)  # the duration the reference trims its predictions to
-    predictor = Predictor.from_uri(model, tracking_uri=tracking_uri or cfg.tracking.uri)
+    predictor = load_predictor(model, tracking_uri=tracking_uri or cfg.tracking.uri)
     predictor.subject_index(subject)
     key = store_key(cfg.features)
     if predictor.feature_key and predictor.feature_key != key:
@@ -116,8 +115,6 @@ def save_video_prediction(pred: VideoPrediction, out: str | os.PathLike) -> tupl
 
     Each file appears whole or not at all (written under a temporary name, then renamed).
     """
-    from mirage.features.one import save_features
-
     out = Path(out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")

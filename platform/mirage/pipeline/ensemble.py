@@ -31,8 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from mirage.config import Config
+from mirage import tracking
+from mirage.analysis import analyze, write_analysis
+from mirage.config import MODALITIES, Config
+from mirage.data.fmri import load_fmri, zscore
+from mirage.data.run_key import RunKey, nest
 from mirage.distributed.sweep import SWEEP_TAG, SweepResult
+from mirage.distributed.train import run_training
 from mirage.ensemble import (
     WEIGHTING_RULE,
     Candidate,
@@ -42,20 +47,22 @@ from mirage.ensemble import (
     cross_fit,
     refit_weights,
     two_folds,
-    write_ensemble_dir,
 )
 from mirage.errors import MirageError
+from mirage.features.store import FeatureStore, open_store
+from mirage.predictor import Predictor, predict_stored, stored_runs
+from mirage.submission import read_predictions
+from mirage.tracking.predictions import epoch_predictions
+from mirage.valpred import validation_keys
 
-EPOCH_PREDICTIONS = "val_predictions"
-"""MLflow artifact folder of a training run's per-epoch validation predictions."""
 WEIGHTS_FIT_ON = "all validation runs"
 HELDOUT_METRIC = "ensemble_r"
 """The ensemble's held-out score: cross-fitted, each fold scored by choices made on the other."""
 
 
 @dataclass
-class Member:
-    """A trained member: its spec, its MLflow run and its exported model directory."""
+class TrainedMember:
+    """A trained ensemble member: its spec, its MLflow run and its exported model directory."""
 
     spec: MemberSpec
     run_id: str | None
@@ -71,7 +78,7 @@ class EnsembleOutcome:
     directory: str
     model_uri: str
     version: str
-    members: list[Member]
+    members: list[TrainedMember]
     fit: CrossFit
     metrics: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -81,103 +88,35 @@ class EnsembleOutcome:
 # -------------------------------------------------------------- validation data
 
 
-def validation_runs(cfg: Config) -> dict[str, dict[str, tuple[Any, Any]]]:
-    """subject -> run id -> (FmriRun, stimulus id) of the validation split.
+def validation_runs(cfg: Config) -> dict[RunKey, Any]:
+    """RunKey -> FmriRun of every validation run, in release order.
 
-    The run id is the stimulus id (``#2``, ``#3`` appended when a subject saw it again), as in
-    the per-epoch predictions of :func:`mirage.valpred.predict_validation`.
+    Run names (``RunKey.name``) are those of the per-epoch predictions of
+    :func:`mirage.valpred.predict_validation`.
     """
-    from mirage.data.layout import Release
-    from mirage.data.splits import split_runs
-    from mirage.valpred import run_ids
-
-    runs = [r for r in split_runs(Release(cfg.data.root), cfg.data, "val") if r.subject in cfg.data.subjects]
-    out = {sub: {k: (r, r.stimulus_id) for k, r in rs.items()} for sub, rs in run_ids(runs).items()}
+    out = dict(validation_keys(cfg))
     if not out:
         raise MirageError(f"no validation fMRI under {cfg.data.root} for data.val={cfg.data.val}")
     return out
 
 
-class EpochPredictionLogger:
-    """Logs each epoch's whole-run validation predictions as ``val_predictions/epoch_NNNN.npz`` of an MLflow run."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-
-    def __call__(self, epoch: int, preds: dict[str, dict[str, np.ndarray]]) -> None:
-        from mirage import tracking
-        from mirage.submission import write_predictions
-
-        with tempfile.TemporaryDirectory(prefix="mirage-valpred-") as d:
-            path = write_predictions(preds, Path(d) / f"epoch_{int(epoch):04d}.npz")
-            tracking.log_artifacts(self.uri, self.run_id, path, EPOCH_PREDICTIONS)
+def validation_targets(cfg: Config, runs: dict[RunKey, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """subject -> run name -> (n_trs, n_parcels) fMRI, z-scored per run when ``data.zscore``."""
+    return nest({
+        k: (zscore(load_fmri(r.path, r.key)) if cfg.data.zscore else load_fmri(r.path, r.key)) for k, r in runs.items()
+    })
 
 
-def epoch_predictions(cfg: Config, run_id: str | None, dest: Path) -> dict[int, Path]:
-    """epoch -> local .npz of the per-epoch validation predictions logged on an MLflow run ({} when none)."""
-    from mirage import tracking
+def member_predictions(predictor: Predictor, store: FeatureStore, runs: dict[RunKey, Any],
+                       targets: dict[str, dict[str, np.ndarray]]) -> list[dict[str, dict[str, np.ndarray]]]:
+    """Every member's predictions of the validation runs, one forward pass per window for all members.
 
-    if not run_id:
-        return {}
-    try:
-        local = Path(tracking.client(cfg.tracking.uri).download_artifacts(run_id, EPOCH_PREDICTIONS, str(dest)))
-    except Exception:  # noqa: BLE001 - a run that logged none (ensemble.epoch_predictions off, or older)
-        return {}
-    out = {}
-    for f in sorted(local.glob("epoch_[0-9][0-9][0-9][0-9].npz")):
-        out[int(f.stem.split("_")[1])] = f
-    return out
-
-
-def validation_targets(cfg: Config, runs) -> dict[str, dict[str, np.ndarray]]:
-    """subject -> run id -> (n_trs, n_parcels) fMRI, z-scored per run when ``data.zscore``."""
-    from mirage.data.fmri import load_fmri, zscore
-
-    return {
-        sub: {k: (zscore(load_fmri(r.path, r.key)) if cfg.data.zscore else load_fmri(r.path, r.key)) for k, (r, _) in rs.items()}
-        for sub, rs in runs.items()
-    }
-
-
-class LoadedMember:
-    """An exported model ready to predict validation runs (optionally with modalities dropped)."""
-
-    def __init__(self, model_dir: str | Path, store):
-        from mirage.model.export import load_exported
-        from mirage.train.data import selected_layers
-
-        self.model, self.cfg, self.meta = load_exported(model_dir)
-        self.model.eval()
-        self.layers = selected_layers(self.cfg, store.n_layers)
-        self.store = store
-        self.subjects = list(self.meta.get("subjects") or self.cfg.data.subjects)
-
-    def predict(self, runs, targets, drop: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
-        """subject -> run id -> (n_trs, n_parcels) predictions, n_trs as in ``targets``."""
-        from mirage.analysis import predict_run
-
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for sub, rs in runs.items():
-            for k, (_, stim) in rs.items():
-                y = predict_run(
-                    self.model, self.cfg, self.layers, self.store.read(stim), self.subjects.index(sub),
-                    len(targets[sub][k]), self.store.rate_hz, drop,
-                )
-                out.setdefault(sub, {})[k] = y
-        return out
-
-    def attention(self, runs, targets) -> dict[str, list[np.ndarray]]:
-        from mirage.analysis import attention_batches
-
-        out: dict[str, list[np.ndarray]] = {}
-        for sub, rs in runs.items():
-            for k, (_, stim) in rs.items():
-                for m, b in attention_batches(
-                    self.model, self.cfg, self.layers, self.store.read(stim), self.store.rate_hz, len(targets[sub][k])
-                ).items():
-                    out.setdefault(m, []).extend(b)
-            break  # the stimulus, not the subject, drives the attention: one subject suffices
-        return out
+    Returns:
+        per member: subject -> run name -> (n_trs, n_parcels), n_trs as in ``targets``.
+    """
+    lengths = {k: len(targets[k.subject][k.name]) for k in runs}
+    stacked = predict_stored(predictor, store, lengths, per_member=True)  # RunKey -> (M, T, P)
+    return [nest({k: v[i] for k, v in stacked.items()}) for i in range(len(predictor.members))]
 
 
 # ------------------------------------------------------------------- members
@@ -199,20 +138,15 @@ def _reusable_trials(cfg: Config, sweep: SweepResult) -> dict[str, Any]:
 
 
 def _download_model(cfg: Config, run_id: str, dest: Path) -> str | None:
-    from mirage import tracking
-
-    try:
-        path = tracking.client(cfg.tracking.uri).download_artifacts(run_id, "model", str(dest))
-    except Exception:  # noqa: BLE001 - no exported model on that run: train the member instead
-        return None
-    return path if (Path(path) / "model.safetensors").is_file() else None
+    """The exported model of a run, downloaded; None when the run has none (the member is trained instead)."""
+    path = tracking.download_run_artifacts(cfg.tracking.uri, run_id, "model", dest)
+    return str(path) if path is not None and (path / "model.safetensors").is_file() else None
 
 
-def train_members(cfg: Config, specs: list[MemberSpec], sweep: SweepResult, parent_run_id: str, work: Path) -> list[Member]:
+def train_members(
+    cfg: Config, specs: list[MemberSpec], sweep: SweepResult, parent_run_id: str, work: Path
+) -> list[TrainedMember]:
     """Train (or reuse) every member; each new one is a ``train`` run nested under the ensemble run."""
-    from mirage import tracking
-    from mirage.distributed.train import run_training
-
     reusable = _reusable_trials(cfg, sweep)
     out = []
     for spec in specs:
@@ -221,7 +155,7 @@ def train_members(cfg: Config, specs: list[MemberSpec], sweep: SweepResult, pare
             path = _download_model(cfg, trial.run_id, work / f"trial-{trial.trial_id}")
             if path:
                 tracking.set_tags(cfg.tracking.uri, trial.run_id, {"mirage.ensemble_member_of": parent_run_id})
-                out.append(Member(spec, trial.run_id, path, reused_trial=trial.trial_id))
+                out.append(TrainedMember(spec, trial.run_id, path, reused_trial=trial.trial_id))
                 continue
         mcfg = cfg.with_overrides({**spec.overrides, "train.seed": spec.seed})
         res = run_training(
@@ -233,7 +167,7 @@ def train_members(cfg: Config, specs: list[MemberSpec], sweep: SweepResult, pare
         )
         if not res.model_dir:
             raise MirageError(f"ensemble member {spec.index} ({res.name}) produced no exported model under {res.path}")
-        out.append(Member(spec, res.mlflow_run_id, res.model_dir))
+        out.append(TrainedMember(spec, res.mlflow_run_id, res.model_dir))
     return out
 
 
@@ -244,7 +178,7 @@ def _config_id(overrides: dict[str, Any]) -> str:
     return json.dumps(overrides, sort_keys=True, default=str)
 
 
-def candidates(cfg: Config, sweep: SweepResult, members: list[Member], exported: list[dict], dest: Path):
+def candidates(cfg: Config, sweep: SweepResult, members: list[TrainedMember], exported: list[dict], dest: Path):
     """The models that may join a cross-fitted ensemble, and how to load their epochs' predictions.
 
     Every member, then every other sweep trial with logged per-epoch validation predictions (a
@@ -254,15 +188,13 @@ def candidates(cfg: Config, sweep: SweepResult, members: list[Member], exported:
     Returns:
         (candidates, load(candidate index, epoch) -> predictions, names of members without per-epoch predictions).
     """
-    from mirage.submission import read_predictions
-
     cands: list[Candidate] = []
     loaders: list[Any] = []
     without: list[str] = []
     seen: set[str] = set()
     for m, preds in zip(members, exported):
         name = f"member-{m.spec.index}"
-        files = epoch_predictions(cfg, m.run_id, dest / name) if m.run_id not in seen else {}
+        files = epoch_predictions(cfg.tracking.uri, m.run_id, dest / name) if m.run_id not in seen else {}
         if files:
             cands.append(Candidate(name, _config_id(m.spec.overrides), tuple(sorted(files))))
             loaders.append(lambda e, f=files: read_predictions(f[e]))
@@ -274,7 +206,7 @@ def candidates(cfg: Config, sweep: SweepResult, members: list[Member], exported:
     for t in sweep.trials:
         if not t.run_id or t.run_id in seen:
             continue
-        files = epoch_predictions(cfg, t.run_id, dest / f"trial-{t.trial_id}")
+        files = epoch_predictions(cfg.tracking.uri, t.run_id, dest / f"trial-{t.trial_id}")
         if files:
             cands.append(Candidate(f"trial-{t.trial_id}", _config_id(t.params), tuple(sorted(files))))
             loaders.append(lambda e, f=files: read_predictions(f[e]))
@@ -303,10 +235,12 @@ def crossfit_record(cross: CrossFit) -> dict[str, Any]:
 
 
 def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
-    """Members -> cross-fitted scores (two folds) -> weights refit on all runs -> directory -> MLflow run + registry."""
-    from mirage import tracking
-    from mirage.features.store import open_store
+    """Members -> cross-fitted scores (two folds) -> weights refit on all runs -> directory -> MLflow run + registry.
 
+    The members predict through one :class:`Predictor` built from their exported directories; the
+    weights refit from those predictions are set on that same predictor, which writes the
+    ensemble directory that is registered.
+    """
     t0 = time.time()
     ranked = sweep.ranked()
     specs = choose_members(
@@ -327,8 +261,13 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
             runs = validation_runs(cfg)
             targets = validation_targets(cfg, runs)
             subjects = [s for s in cfg.data.subjects if s in targets]
-            loaded = [LoadedMember(m.model_dir, store) for m in members]
-            per_member = [lm.predict(runs, targets) for lm in loaded]
+            predictor = Predictor.from_members([m.model_dir for m in members], window_batch=cfg.serve.window_batch)
+            if subjects != predictor.subjects:
+                raise MirageError(
+                    f"ensemble: validation runs cover subjects {subjects}, the members predict {predictor.subjects}; "
+                    "expected the same subjects (data.subjects and data.val)"
+                )
+            per_member = member_predictions(predictor, store, runs, targets)
 
             cands, load, without = candidates(cfg, sweep, members, per_member, work / "epochs")
             folds = two_folds(sorted({k for s in subjects for k in targets[s]}))
@@ -338,6 +277,7 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
             )
             preds = {s: {k: np.stack([pm[s][k] for pm in per_member]) for k in targets[s]} for s in subjects}
             weights, r_all = refit_weights(preds, targets, subjects, cfg.ensemble.temperature)  # (M, S, P)
+            predictor.set_weights(weights)
             member_all = np.nanmean(np.nanmean(r_all, axis=-1), axis=-1)  # (M,)
             best = int(np.argmax(member_all))
 
@@ -353,7 +293,7 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
                 "sweep": cfg.sweep.name,
                 "mlflow_run_id": run_id,
             }
-            write_ensemble_dir(out_dir, [m.model_dir for m in members], weights, subjects, info)
+            predictor.save(out_dir, info)
 
             metrics = cross.summary()
             for i in range(len(members)):
@@ -377,7 +317,7 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
             (arrays / "ensemble.json").write_text((out_dir / "ensemble.json").read_text())
             tracking.log_artifacts(uri, run_id, arrays, "ensemble")
             if cfg.ensemble.analysis:
-                _log_analysis(cfg, loaded[best], runs, targets, subjects, work / "analysis", run_id)
+                _log_analysis(cfg, predictor.member(best), store, runs, targets, subjects, work / "analysis", run_id)
             version = tracking.register_pyfunc_model(cfg, run_id, out_dir)
             decision = tracking.update_champion(cfg, run_id, version, metrics.get(HELDOUT_METRIC), metric=HELDOUT_METRIC)
         tracking.end_run(uri, run_id, "FINISHED")
@@ -390,17 +330,16 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
                            champion=decision)
 
 
-def _log_analysis(cfg: Config, member: LoadedMember, runs, targets, subjects, out: Path, run_id: str) -> None:
+def _log_analysis(cfg: Config, member: Predictor, store: FeatureStore, runs: dict[RunKey, Any], targets,
+                  subjects: list[str], out: Path, run_id: str) -> None:
     """Interpretability artifacts of one member on every validation run, logged under ``analysis/``."""
-    from mirage import tracking
-    from mirage.analysis import analyze, write_analysis
-
-    from mirage.config import MODALITIES
-
-    modalities = [m for m in MODALITIES if m in member.cfg.model.modalities]  # store order: vision, audio, text
+    modalities = [m for m in MODALITIES if m in member.modalities]  # store order: vision, audio, text
+    lengths = {k: len(targets[k.subject][k.name]) for k in runs}
+    first = next(iter(runs)).subject  # the stimulus, not the subject, drives the attention: one subject suffices
     res = analyze(
-        lambda drop: member.predict(runs, targets, drop),
-        targets, subjects, modalities, attention=member.attention(runs, targets),
+        lambda drop: nest(predict_stored(member, store, lengths, drop=drop)),
+        targets, subjects, modalities,
+        attention=member.layer_attention(stored_runs(store, {k: n for k, n in lengths.items() if k.subject == first})),
     )
     write_analysis(res, out)
     tracking.log_artifacts(cfg.tracking.uri, run_id, out, "analysis")

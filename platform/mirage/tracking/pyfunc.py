@@ -9,7 +9,8 @@ as the artifact ``predictor``; ``load_context`` rebuilds the PyTorch classes fro
 - a dict ``{"subject": "sub-01", "features": array (n_frames, 3, n_layers, dim), "n_trs": int}``
   -> float32 array (n_trs, n_parcels);
 - a list of such dicts, or a pandas DataFrame with columns ``subject``, ``features``, ``n_trs``
-  (one row per request) -> list of arrays.
+  (one row per request) -> list of arrays, the runs' windows batched together
+  (:meth:`mirage.predictor.Predictor.predict_runs`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import mlflow.pyfunc
 import numpy as np
 
 from mirage.errors import MirageError
+from mirage.predictor import Predictor, RunRequest
 
 REQUIRED_KEYS = ("subject", "features", "n_trs")
 
@@ -37,7 +39,7 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def _one(predictor, req: dict[str, Any]) -> np.ndarray:
+def _request(req: dict[str, Any]) -> RunRequest:
     missing = [k for k in REQUIRED_KEYS if k not in req]
     if missing:
         raise MirageError(f"pyfunc request: missing keys {missing}; expected {list(REQUIRED_KEYS)}")
@@ -49,24 +51,22 @@ def _one(predictor, req: dict[str, Any]) -> np.ndarray:
     n_trs = int(req["n_trs"])
     if n_trs < 1:
         raise MirageError(f"pyfunc request: n_trs must be >= 1, got {n_trs}")
-    return predictor.predict_run(feats, str(req["subject"]), n_trs)
+    return RunRequest(feats, str(req["subject"]), n_trs)
 
 
 class MiragePyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc model around :class:`mirage.predictor.Predictor`."""
 
     def load_context(self, context) -> None:
-        from mirage.predictor import Predictor
-
         self.predictor = Predictor.from_path(context.artifacts["predictor"])
 
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, dict):
-            return _one(self.predictor, model_input)
+            return self.predictor.predict_runs([_request(model_input)])[0]
         if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):  # DataFrame
             model_input = model_input.to_dict(orient="records")
         if isinstance(model_input, list):
-            return [_one(self.predictor, r) for r in model_input]
+            return self.predictor.predict_runs([_request(r) for r in model_input])
         raise MirageError(
             f"pyfunc input must be a dict, a list of dicts or a DataFrame with columns {list(REQUIRED_KEYS)}, "
             f"got {type(model_input).__name__}"

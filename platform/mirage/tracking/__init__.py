@@ -1,0 +1,46 @@
+"""Every MLflow call of the platform: runs, metrics and artifacts (:mod:`.runs`), the model
+registry and its champion alias (:mod:`.registry`), model URIs and downloads (:mod:`.models`), and
+the pyfunc wrapper of a logged model (:mod:`.pyfunc`).
+
+Each call takes the store's absolute URI (``cfg.tracking.uri``) or the config itself and goes
+through an ``MlflowClient`` bound to it; no module outside this package imports MLflow.
+"""
+
+from mirage.tracking.models import (
+    SCHEMES,
+    check_model_uri,
+    download_model,
+    download_run_artifacts,
+    is_mlflow_uri,
+    load_predictor,
+)
+from mirage.tracking.registry import (
+    SCORE_TAG,
+    ChampionDecision,
+    current_champion,
+    decide_champion,
+    log_pyfunc_model,
+    register_pyfunc_model,
+    update_champion,
+)
+from mirage.tracking.runs import (
+    KINDS,
+    EpochLogger,
+    artifact_root,
+    child_runs,
+    client,
+    close_stale_children,
+    code_version,
+    end_run,
+    ensure_experiment,
+    finish_trial_runs,
+    log_artifacts,
+    log_config,
+    log_metrics,
+    reopen_run,
+    run_tags,
+    set_tags,
+    start_run,
+    status_for,
+    tracked_run,
+)
