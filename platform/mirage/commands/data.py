@@ -6,8 +6,6 @@ import argparse
 from typing import Any
 
 from mirage.config import Config
-from mirage.data.check import check_dataset, print_report
-from mirage.data.synth import write_synthetic
 
 
 def add_synth_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +22,8 @@ def synth(cfg: Config, a: argparse.Namespace) -> int:
         f"data.synth.{f}": getattr(a, f) for f in ("episodes", "seconds", "parcels", "seed") if getattr(a, f) is not None
     }
     cfg = cfg.with_overrides(updates) if updates else cfg
+    from mirage.data.synth import write_synthetic  # h5py and PyAV take ~0.3 s: not for `mirage --help`
+
     path = write_synthetic(a.out, cfg.data.synth, tr=cfg.data.tr, progress=True)
     print(f"synthetic dataset written to {path}")
     return 0
@@ -36,6 +36,8 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
 
 def check(cfg: Config, a: argparse.Namespace) -> int:
     """Validate a dataset directory."""
+    from mirage.data.check import check_dataset, print_report  # h5py and PyAV take ~0.3 s: not for `mirage --help`
+
     report = check_dataset(a.root, cfg.data, progress=True, media_tolerance_s=cfg.features.media_tolerance_s)
     print_report(report, as_json=a.json)
     return 0 if report["ok"] else 1

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mirage.atomic import write_text
 from mirage.config import Config, flatten
 from mirage.errors import MirageError
 
@@ -96,8 +97,6 @@ def read_state(cfg: Config) -> dict[str, Any]:
 
 def write_state(cfg: Config, state: dict[str, Any]) -> Path:
     """Replace the state file atomically with ``state`` plus the defining config and its hash."""
-    from mirage.atomic import write_text
-
     defining = defining_config(cfg)
     full = {**state, "name": cfg.sweep.name, "config_hash": config_hash(defining), "config": defining}
     return write_text(state_path(cfg), json.dumps(full, indent=2, default=str))
