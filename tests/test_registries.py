@@ -84,13 +84,13 @@ from mirage.commands.registry import COMMANDS
 assert "mirage.cli" not in sys.modules, "the command registry imported the CLI"
 from mirage.cli import build_parser
 build_parser()
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"ray", "mlflow", "torch", "sklearn"})
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"ray", "mlflow", "torch", "sklearn", "av"})
 print(len(COMMANDS), *heavy)
 """
 
 
 def test_building_the_parser_imports_no_heavy_library():
-    """``mirage --help`` loads neither Ray, MLflow, torch nor sklearn: commands import the pipeline when run."""
+    """``mirage --help`` loads neither Ray, MLflow, torch, sklearn nor PyAV: commands import the pipeline when run."""
     out = subprocess.run([sys.executable, "-c", CLEAN_IMPORT], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(len(COMMANDS))]
