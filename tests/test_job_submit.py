@@ -114,7 +114,7 @@ def test_sweep_job_submitted_as_documented(ray_head, tmp_path):
         "data.synth.ood_movies=[chaplin]", "data.synth.seconds=40", "data.synth.parcels=32", "data.n_parcels=32",
         "data.window_trs=8", "data.stride_trs=8",
         "sweep.name=job-test", "sweep.num_samples=2", "sweep.max_concurrent=2", "sweep.n_startup_trials=2",
-        "sweep.grace_period=1", "train.epochs=1",
+        "sweep.grace_period=1", "train.epochs=1", "sweep.trial_runner=trainer",
         "ensemble.n_members=2", "ensemble.top_k=2", "ensemble.registry_name=mirage-jobtest",
     ]
     cfg = resolve_paths(load_config("demo", overrides))

@@ -15,9 +15,11 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import requests
 
+from mirage.distributed.serve_api import REPRESENTATIONS
 from mirage.predictor import Predictor
 
 pytestmark = pytest.mark.slow
@@ -173,6 +175,56 @@ def test_malformed_requests_get_4xx_and_the_server_stays_healthy(server, feature
     assert ok.status_code == 200
 
 
+def _server_timing(response) -> dict[str, str]:
+    """``Server-Timing`` as name -> dur (ms) or desc."""
+    out = {}
+    for part in response.headers["server-timing"].split(","):
+        name, _, rest = part.strip().partition(";")
+        out[name] = rest.partition("=")[2].strip('"')
+    return out
+
+
+def test_binary_responses_decode_to_the_json_numbers(server, feature_store):
+    sid = sorted(feature_store.stimuli())[2]
+    req = {"subject": "sub-03", "stimulus": sid, "n_trs": 12}
+    post = lambda accept: requests.post(f"{server}/v1/predict", json=req, headers={"accept": accept}, timeout=60)  # noqa: E731
+    plain = requests.post(f"{server}/v1/predict", json=req, timeout=60)
+    assert plain.status_code == 200 and plain.headers["content-type"] == "application/json", plain.text[:300]
+    want = np.asarray(plain.json()["predictions"], np.float32)
+    assert want.shape[0] == 12
+    for accept in ("*/*", "text/html, */*;q=0.5", "application/json"):
+        r = post(accept)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", (accept, r.text[:300])
+        np.testing.assert_array_equal(np.asarray(r.json()["predictions"], np.float32), want)
+    for accept, dtype in [("application/x-npy", "float32"), ("application/x-npy;dtype=float16", "float16")]:
+        r = post(accept)
+        assert r.status_code == 200 and r.headers["x-mirage-dtype"] == dtype, (accept, r.text[:300])
+        arr = np.load(io.BytesIO(r.content), allow_pickle=False)
+        assert arr.dtype == dtype and r.headers["x-mirage-shape"] == f"{want.shape[0]},{want.shape[1]}"
+        if dtype == "float32":
+            np.testing.assert_array_equal(arr, want)
+        else:
+            np.testing.assert_allclose(arr.astype(np.float32), want, rtol=2.0**-11, atol=2.0**-24)
+    r = post("application/vnd.apache.arrow.stream")
+    col = pa.ipc.open_stream(r.content).read_all().column("predictions").combine_chunks()
+    np.testing.assert_array_equal(col.flatten().to_numpy().reshape(len(col), -1), want)
+    timing = _server_timing(r)
+    assert {"body", "decode", "queue", "predict", "encode", "total", "batch"} <= set(timing) and int(timing["batch"]) >= 1
+
+
+def test_an_unsupported_accept_gets_406_naming_the_offers(server, feature_store):
+    sid = sorted(feature_store.stimuli())[0]
+    r = requests.post(f"{server}/v1/predict", json={"subject": "sub-01", "stimulus": sid},
+                      headers={"accept": "text/csv"}, timeout=60)
+    assert r.status_code == 406 and r.headers["content-type"] == "application/json", r.text[:300]
+    assert "text/csv" in r.json()["error"]
+    assert all(rep.describe() in r.json()["error"] for rep in REPRESENTATIONS), r.text[:300]
+    feats = np.asarray(feature_store.read(sid)).astype(np.float32)
+    r = requests.post(f"{server}/v1/predict/features", params={"subject": "sub-01"}, data=_npz(features=feats),
+                      headers={"accept": "application/x-npy;dtype=float64"}, timeout=60)
+    assert r.status_code == 406 and "application/x-npy;dtype=float16" in r.json()["error"], r.text[:300]
+
+
 def test_a_burst_of_concurrent_requests_all_succeed(server, offline, feature_store):
     sids = sorted(feature_store.stimuli())[:4]
     jobs = [(s, sub) for s in sids for sub in ("sub-01", "sub-03", "sub-05")]  # 12 requests
@@ -184,6 +236,8 @@ def test_a_burst_of_concurrent_requests_all_succeed(server, offline, feature_sto
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(call, jobs))
     assert [r.status_code for r in results] == [200] * len(jobs)
+    batches = [int(_server_timing(r)["batch"]) for r in results]
+    assert max(batches) > 1, batches  # @serve.batch grouped concurrent requests into shared forward passes
     for (s, sub), r in zip(jobs, results):
         want = offline.predict_run(np.asarray(feature_store.read(s)), sub, 9)
         np.testing.assert_allclose(json.loads(r.content)["predictions"], want, rtol=1e-5, atol=1e-6)
@@ -335,5 +389,9 @@ def test_openapi_lists_the_routes_and_docs_serve_the_ui(server):
     body = paths["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"subject", "stimulus", "n_trs"}
     assert {q["name"] for q in paths["/v1/predict/features"]["post"]["parameters"]} == {"subject", "n_trs", "stimulus"}
+    for route in ("/v1/predict", "/v1/predict/features"):
+        answers = paths[route]["post"]["responses"]
+        assert {"application/json", "application/x-npy", "application/vnd.apache.arrow.stream"} <= set(answers["200"]["content"])
+        assert "406" in answers and "float16" in answers["200"]["description"]
     docs = requests.get(f"{server}/docs", timeout=10)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()

@@ -22,7 +22,7 @@ from ray.tune import ExperimentAnalysis
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-N_TRIALS = 3
+N_TRIALS = 4  # two rounds of two: trials without a Train start-up take seconds, the interruption must find one running
 REGISTRY = "mirage-e2e"
 
 
@@ -81,7 +81,7 @@ def job(test_cfg, feature_store, tmp_path_factory):
         if (work / "out" / "ray_results" / "e2e-sweep").is_dir():
             finished = _trial_runs(uri, "FINISHED")
             if finished:
-                time.sleep(5)  # let Tune record the trial as done too
+                time.sleep(2)  # let Tune record the trial as done too
                 p.send_signal(signal.SIGINT)
                 break
     try:

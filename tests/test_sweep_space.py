@@ -13,6 +13,8 @@ from mirage.distributed.sweep import (
     concurrency,
     search_space,
     trial_cpus,
+    trial_resources,
+    trial_runner,
     write_sweep_artifacts,
 )
 from mirage.errors import MirageError
@@ -63,6 +65,21 @@ def test_concurrency_is_capped_by_logical_cpus():
     assert concurrency(cfg, None) == 4
     with pytest.raises(MirageError, match="ray.num_cpus"):
         concurrency(cfg, 2)
+
+
+def test_trial_runner_and_what_a_trial_reserves():
+    one = load_config("demo", ["train.num_workers=1", "train.cpus_per_worker=2", "sweep.driver_cpus=0.5"])
+    assert trial_runner(one) == "direct"  # auto: one worker trains inside the trial
+    assert trial_resources(one) == {"cpu": 2, "gpu": 0.0} and trial_cpus(one) == 2
+    gpu = one.with_overrides({"train.use_gpu": True})
+    assert trial_resources(gpu) == {"cpu": 2, "gpu": 1.0}
+    forced = one.with_overrides({"sweep.trial_runner": "trainer"})
+    assert trial_runner(forced) == "trainer"
+    assert trial_resources(forced) == {"cpu": 0.5} and trial_cpus(forced) == 2.5
+    two = load_config("demo", ["train.num_workers=2"])
+    assert trial_runner(two) == "trainer"
+    with pytest.raises(ConfigError, match="sweep.trial_runner=direct with train.num_workers=2"):
+        trial_runner(two.with_overrides({"sweep.trial_runner": "direct"}))
 
 
 def test_sweep_artifacts_and_importance(tmp_path):

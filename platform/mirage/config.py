@@ -352,6 +352,15 @@ class TrainConfig(Section):
     name: str = Field("", description="Run name (storage folder); empty = derived from the config hash.")
     storage: str = Field("", description="Ray Train/Tune storage path; empty = <outputs>/ray_results.")
     loader_threads: int = Field(2, ge=0, description="Background threads prefetching batches.")
+    input: Literal["memmap", "resident"] = Field(
+        "memmap",
+        description="Training-window reader: memmap = every window read from the feature store's memory maps "
+        "(page cache), every rank draws from all runs; resident = each rank loads its shard of the training "
+        "windows (the frames they cover, selected layers only) into memory once and slices windows there; "
+        "shards are blocks of windows grouped by stimulus, sized so every window is seen once per epoch across "
+        "ranks (with several ranks the global batches differ from memmap's). "
+        "Both give bit-identical batches and losses on one rank; validation always reads memmaps.",
+    )
     baseline: BaselineConfig = Field(default_factory=BaselineConfig, description="Ridge baselines.")
 
 
@@ -391,7 +400,14 @@ class SweepConfig(Section):
     seed: int = Field(0, description="Seed of the TPE sampler and of the fANOVA forest behind the parameter importance.")
     n_startup_trials: int = Field(10, ge=1, description="TPE random trials before modelling.")
     driver_cpus: float = Field(
-        1.0, ge=0, description="Logical CPUs of each trial's driver (its Train workers request their own)."
+        1.0, ge=0, description="Logical CPUs of each trainer trial's driver (its Train workers request their own; "
+        "a direct trial reserves its worker's train.cpus_per_worker instead)."
+    )
+    trial_runner: Literal["auto", "direct", "trainer"] = Field(
+        "auto",
+        description="How a trial trains: 'direct' runs the training loop inside the Tune trial process (one "
+        "worker, no Ray Train start-up; the trial reserves the worker's CPUs and GPU), 'trainer' starts a Ray "
+        "Train TorchTrainer per trial (any train.num_workers), 'auto' is direct when train.num_workers is 1.",
     )
     space: dict[str, ParamSpec] = Field(
         default_factory=lambda: {
@@ -486,6 +502,10 @@ class ServeConfig(Section):
         4.0, gt=0, description="Autoscaling target: ongoing requests per replica before scaling up."
     )
     window_batch: int = Field(16, ge=1, description="Windows per forward pass of the predictor.")
+    io_threads: int = Field(
+        2, ge=1,
+        description="Threads of a Serve replica that decode request bodies and encode responses, off its event loop.",
+    )
     predict_actors: int = Field(1, ge=1, description="Ray Data actor pool size of batch prediction (`mirage predict`).")
 
 

@@ -1,4 +1,5 @@
-"""Feature arrays from request bodies, with every size known before anything is inflated.
+"""Feature arrays from request bodies, with every size known before anything is inflated, and
+prediction arrays as binary response bodies.
 
 A body is a raw ``.npy`` file or an ``.npz`` archive holding ``features.npy``. Before a
 single array byte is read, the ``.npy`` header (and, for an archive, the member's declared
@@ -9,6 +10,9 @@ limit. Reading then stops at the declared size, so a small archive cannot inflat
 Errors: :class:`~mirage.errors.PayloadError` (not an npy/npz, or inconsistent with its own
 header), :class:`~mirage.errors.PayloadTooLargeError` (over the limit) and
 :class:`~mirage.errors.DataError` (the array is not the model's features). No Ray here.
+
+Responses: :func:`npy_body` (an ``.npy`` file, header plus the raw array, no pickle) and
+:func:`arrow_body` (an Arrow IPC stream of one record batch) cost one copy of the array each.
 """
 
 from __future__ import annotations
@@ -157,3 +161,28 @@ def _read_data(fp: BinaryIO, header: NpyHeader, where: str) -> np.ndarray:
         got += n
     arr = np.frombuffer(buf, dtype=header.dtype).reshape(header.shape, order="F" if header.fortran_order else "C")
     return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+
+
+# ---------------------------------------------------------------- responses
+
+
+def npy_body(array: np.ndarray, dtype: str = "float32") -> bytes:
+    """``array`` (n_rows, n_cols) as an ``.npy`` file of ``dtype`` (float32 or float16), C order, no pickle."""
+    arr = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    return head.getvalue() + arr.tobytes()
+
+
+def arrow_body(array: np.ndarray, dtype: str = "float32", metadata: dict[str, str] | None = None) -> bytes:
+    """``array`` (n_rows, n_cols) as an Arrow IPC stream: one record batch, column ``predictions`` of
+    ``n_rows`` fixed-size lists of ``n_cols`` ``dtype`` values; ``metadata`` in the schema."""
+    import pyarrow as pa
+
+    arr = np.ascontiguousarray(array, dtype=dtype)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
+    batch = pa.record_batch([column], names=["predictions"], metadata=metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()

@@ -12,12 +12,18 @@ every client error is a 4xx with ``{"error": message}`` naming no server path:
   for stimuli outside the store. Shape, dtype and uncompressed size come from the ``.npy``
   header and are checked before anything is inflated (:mod:`mirage.payload`); no pickle.
 
-``n_trs`` is bounded by the frames the features cover (``serve.extra_trs`` past them). With
-``Accept: application/x-npy`` the predictions come back as a float32 ``.npy`` body (subject,
-stimulus and shape in ``x-mirage-*`` headers) instead of JSON lists.
+``n_trs`` is bounded by the frames the features cover (``serve.extra_trs`` past them). The
+response's form follows ``Accept`` (:func:`~mirage.distributed.serve_api.negotiate`): JSON by
+default and for ``*/*``; ``application/x-npy`` (float32, or float16 with ``;dtype=float16``) or
+``application/vnd.apache.arrow.stream`` for a binary body with subject, stimulus, shape and dtype
+in ``x-mirage-*`` headers; 406 naming the offers when none is acceptable. Every answer carries a
+``Server-Timing`` header (body upload, decode, queue, predict, encode, total in ms; the batch
+size it ran in).
 
 Requests are validated one by one, then grouped with ``@serve.batch`` so that the windows of
-several runs share forward passes. A replica answers 408 to a request not done within
+several runs share forward passes. Body decoding and response encoding run on a pool of
+``serve.io_threads`` threads and the forward passes on another thread, so the replica's event
+loop keeps accepting requests while they run. A replica answers 408 to a request not done within
 ``serve.request_timeout_s`` (upload included), whatever timeout headers the client sends; the
 HTTP proxy drops it after twice that. Replicas, autoscaling, batch size and the payload
 limits come from ``cfg.serve``; the HTTP proxy binds ``cfg.serve.host`` (127.0.0.1 by default).
@@ -25,10 +31,11 @@ limits come from ``cfg.serve``; the HTTP proxy binds ``cfg.serve.host`` (127.0.0
 
 
 import asyncio
-import io
+import functools
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,10 +52,12 @@ from mirage.distributed.serve_api import (
     FeaturesQuery,
     Health,
     HTTPError,
-    Prediction,
     PredictRequest,
+    encode_prediction,
     error_responses,
+    negotiate,
     parse_json_object,
+    prediction_content,
     redact,
     validate,
     validation_message,
@@ -58,7 +67,6 @@ from mirage.payload import FeatureSpec, read_features
 from mirage.predictor import RunRequest, open_model_store
 from mirage.tracking.models import load_predictor
 
-NPY_MEDIA_TYPE = "application/x-npy"
 ROUTES = {
     "/healthz": "GET", "/v1/predict": "POST", "/v1/predict/features": "POST", "/docs": "GET", "/openapi.json": "GET",
 }
@@ -103,14 +111,12 @@ def model_label(source: str) -> str:
     return source if source.startswith(("models:/", "runs:/")) else Path(source).name
 
 
-def _npy_response(result: dict[str, Any]) -> Response:
-    """Predictions as a ``.npy`` body (float32, no pickle); the other fields as ``x-mirage-*`` headers."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(result["predictions"], dtype=np.float32), allow_pickle=False)
-    headers = {"x-mirage-subject": result["subject"], "x-mirage-shape": ",".join(map(str, result["shape"]))}
-    if result.get("stimulus"):
-        headers["x-mirage-stimulus"] = result["stimulus"]
-    return Response(buf.getvalue(), media_type=NPY_MEDIA_TYPE, headers=headers)
+def server_timing(timing: dict[str, float]) -> str:
+    """A ``Server-Timing`` header value: each stage in ms, and the batch size as ``batch;desc=N``."""
+    parts = [f"{k};dur={v * 1000:.2f}" for k, v in timing.items() if k != "batch"]
+    if "batch" in timing:
+        parts.append(f'batch;desc="{int(timing["batch"])}"')
+    return ", ".join(parts)
 
 
 def deployment_options(cfg: Config) -> dict[str, Any]:
@@ -155,6 +161,7 @@ class MirageService:
             cfg.features.store, cfg.data.root, cfg.outputs, model_uri, self.predictor.source,
             str(self.store.root) if self.store is not None else "", tempfile.gettempdir(), str(Path.home()),
         ]
+        self.io_pool = ThreadPoolExecutor(s.io_threads, thread_name_prefix="mirage-io")
         self.predict_batch.set_max_batch_size(s.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
@@ -175,26 +182,28 @@ class MirageService:
         summary="Predict a run of a stimulus in the model's feature store.",
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": PredictRequest.model_json_schema()}}}},
-        responses={200: {"model": Prediction}, **error_responses(400, 404, 408, 413, 422)},
+        responses={200: prediction_content(), **error_responses(400, 404, 406, 408, 413, 422)},
     )
     async def predict(self, request: Request) -> Response:
-        return await self._answer(request, self._predict_stored(request))
+        return await self._answer(request, functools.partial(self._predict_stored, request))
 
     @app.post(
         "/v1/predict/features",
         summary="Predict a run from posted features: an .npy body, or an .npz holding 'features'.",
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
-        responses={200: {"model": Prediction}, **error_responses(400, 408, 413, 422)},
+        responses={200: prediction_content(), **error_responses(400, 406, 408, 413, 422)},
     )
     async def predict_features(self, request: Request, query: Annotated[FeaturesQuery, Query()]) -> Response:
-        return await self._answer(request, self._predict_posted(request, query))
+        return await self._answer(request, functools.partial(self._predict_posted, request, query))
 
     # ------------------------------------------------------------- handlers
 
-    async def _predict_stored(self, request: Request) -> dict[str, Any]:
+    async def _predict_stored(self, request: Request, timing: dict[str, float]) -> dict[str, Any]:
         fields = list(PredictRequest.model_fields)
+        t = time.perf_counter()
         body = await self._body(request, self.max_json_bytes, f"serve.max_json_kb={self.cfg.serve.max_json_kb}")
+        timing["body"] = time.perf_counter() - t
         req = validate(PredictRequest, parse_json_object(body, fields))
         self._check_subject(req.subject)
         if self.store is None:
@@ -204,25 +213,43 @@ class MirageService:
         if not self.store.has(req.stimulus):
             raise HTTPError(404, f"unknown stimulus {req.stimulus!r}: not in feature store {self.store.key}")
         try:
-            features = self.store.read(req.stimulus)
+            t = time.perf_counter()
+            features = await self._off_loop(self.store.read, req.stimulus)
+            timing["decode"] = time.perf_counter() - t
         except FeatureStoreError:
             logger.exception("feature store read of %r failed", req.stimulus)
             raise HTTPError(500, f"stimulus {req.stimulus!r}: the server's stored features are unreadable") from None
         n_trs = self._n_trs(req.n_trs, features.shape[0])
-        return await self._run(RunRequest(features, req.subject, n_trs), req.stimulus)
+        return await self._run(RunRequest(features, req.subject, n_trs), req.stimulus, timing)
 
-    async def _predict_posted(self, request: Request, query: FeaturesQuery) -> dict[str, Any]:
+    async def _predict_posted(self, request: Request, query: FeaturesQuery, timing: dict[str, float]) -> dict[str, Any]:
         self._check_subject(query.subject)
+        t = time.perf_counter()
         body = await self._body(request, self.max_bytes, f"serve.max_payload_mb={self.cfg.serve.max_payload_mb}")
-        features = read_features(body, self.spec, self.max_array_bytes)
+        timing["body"] = time.perf_counter() - t
+        t = time.perf_counter()
+        features = await self._off_loop(read_features, body, self.spec, self.max_array_bytes)
+        timing["decode"] = time.perf_counter() - t
         n_trs = self._n_trs(query.n_trs, features.shape[0])
-        return await self._run(RunRequest(features, query.subject, n_trs), query.stimulus)
+        return await self._run(RunRequest(features, query.subject, n_trs), query.stimulus, timing)
 
-    async def _answer(self, request: Request, work) -> Response:
-        """Run a handler within ``serve.request_timeout_s``; client errors become 4xx envelopes."""
+    async def _answer(self, request: Request, handler) -> Response:
+        """Negotiate the response form, run ``handler(timing)`` and encode its result, all within
+        ``serve.request_timeout_s``; client errors become 4xx envelopes."""
         timeout = self.cfg.serve.request_timeout_s
+        timing: dict[str, float] = {}
+        start = time.perf_counter()
+
+        async def work() -> tuple[bytes, dict[str, str]]:
+            rep = negotiate(request.headers.get("accept"))
+            result = await handler(timing)
+            t = time.perf_counter()
+            encoded = await self._off_loop(encode_prediction, result, rep)
+            timing["encode"] = time.perf_counter() - t
+            return encoded
+
         try:
-            result = await asyncio.wait_for(work, timeout)
+            body, headers = await asyncio.wait_for(work(), timeout)
         except TimeoutError:
             return _error(408, f"request not completed within serve.request_timeout_s={timeout}")
         except HTTPError as e:
@@ -236,10 +263,12 @@ class MirageService:
         except MirageError:
             logger.exception("request %s failed", request.url.path)
             return _error(500, "internal error; the server log has the details")
-        if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
-            return _npy_response(result)
-        result["predictions"] = result["predictions"].tolist()
-        return JSONResponse(result)
+        timing["total"] = time.perf_counter() - start
+        return Response(body, headers={**headers, "server-timing": server_timing(timing)})
+
+    async def _off_loop(self, fn, *args: Any) -> Any:
+        """``fn(*args)`` on the replica's I/O threads, so the event loop stays free."""
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, functools.partial(fn, *args))
 
     async def _body(self, request: Request, limit: int, setting: str) -> bytes:
         declared = request.headers.get("content-length")
@@ -273,17 +302,23 @@ class MirageService:
             )
         return value
 
-    async def _run(self, req: RunRequest, stimulus: str | None) -> dict[str, Any]:
-        try:
-            self.predictor.check_run(req.features, req.subject, req.n_trs)
+    async def _run(self, req: RunRequest, stimulus: str | None, timing: dict[str, float]) -> dict[str, Any]:
+        try:  # a NaN scan of the features: off the loop, as it reads them whole
+            await self._off_loop(self.predictor.check_run, req.features, req.subject, req.n_trs)
         except DataError as e:
             raise HTTPError(422, str(e)) from None
-        pred = await self.predict_batch(req)
+        queued = time.perf_counter()
+        pred, batch, started, done = await self.predict_batch(req)
+        timing.update(queue=started - queued, predict=done - started, batch=batch)
         return {"subject": req.subject, "stimulus": stimulus, "shape": list(pred.shape), "predictions": pred}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, reqs: list[RunRequest]) -> list[np.ndarray]:
-        return await asyncio.to_thread(self.predictor.predict_runs, reqs)
+    async def predict_batch(self, reqs: list[RunRequest]) -> list[tuple[np.ndarray, int, float, float]]:
+        """Runs grouped by Serve -> per run: (n_trs, n_parcels) predictions, batch size, start and end times."""
+        started = time.perf_counter()
+        preds = await asyncio.to_thread(self.predictor.predict_runs, reqs)
+        done = time.perf_counter()
+        return [(p, len(reqs), started, done) for p in preds]
 
 
 def http_options(cfg: Config) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The Serve API's request and response models, its error envelope and JSON body parsing.
 
 Every client error is answered ``{"error": message}`` with a 4xx status; messages name the
-field and what was expected, and never a server path (:func:`redact`). No Ray here.
+field and what was expected, and never a server path (:func:`redact`). The response's
+representation is negotiated from ``Accept`` (:func:`negotiate`) and encoded by
+:func:`encode_prediction`. No Ray here.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
+import numpy as np
+import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 LABEL_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -68,7 +73,7 @@ class FeaturesQuery(BaseModel):
 
 
 class Prediction(BaseModel):
-    """Predictions of one run (JSON; with ``Accept: application/x-npy`` a float32 ``.npy`` body instead)."""
+    """Predictions of one run as JSON (binary bodies on request: :data:`REPRESENTATIONS`)."""
 
     subject: str = Field(description="Subject id.")
     stimulus: str | None = Field(description="Stimulus id or label.")
@@ -95,6 +100,125 @@ class ErrorBody(BaseModel):
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for error codes, all in the ``{"error": ...}`` envelope."""
     return {code: {"model": ErrorBody} for code in codes}
+
+
+# ------------------------------------------------------- response formats
+
+
+JSON_MEDIA_TYPE = "application/json"
+NPY_MEDIA_TYPE = "application/x-npy"
+ARROW_MEDIA_TYPE = "application/vnd.apache.arrow.stream"
+
+
+@dataclass(frozen=True)
+class Representation:
+    """A response body the server can send: media type and prediction dtype (None: JSON numbers)."""
+
+    media_type: str
+    dtype: str | None = None
+
+    def describe(self) -> str:
+        return self.media_type + (f";dtype={self.dtype}" if self.dtype else "")
+
+
+REPRESENTATIONS = (
+    Representation(JSON_MEDIA_TYPE),
+    Representation(NPY_MEDIA_TYPE, "float32"),
+    Representation(NPY_MEDIA_TYPE, "float16"),
+    Representation(ARROW_MEDIA_TYPE, "float32"),
+    Representation(ARROW_MEDIA_TYPE, "float16"),
+)
+"""What ``Accept`` may ask for, in order of preference when it allows several equally (``*/*``: JSON)."""
+
+
+def offered() -> str:
+    return ", ".join(r.describe() for r in REPRESENTATIONS)
+
+
+def _quality(text: str, item: str) -> float:
+    try:
+        q = float(text)
+    except ValueError:
+        q = -1.0
+    if not 0.0 <= q <= 1.0:
+        raise HTTPError(400, f"Accept: q={text[:20]!r} in {item[:60]!r}; expected a number from 0 to 1")
+    return q
+
+
+def negotiate(accept: str | None) -> Representation:
+    """The representation ``accept`` (an HTTP ``Accept`` header, RFC 9110) prefers.
+
+    Each offer takes the q of the most specific media range that matches it (a ``dtype=``
+    parameter must name the offer's dtype; other parameters are ignored); the highest q wins,
+    ties go to the earlier offer of :data:`REPRESENTATIONS`. No header or an empty one: JSON.
+
+    Raises:
+        HTTPError: 406 when no offer has q > 0 (the message lists the offers), 400 for a bad q.
+    """
+    if accept is None or not accept.strip():
+        return REPRESENTATIONS[0]
+    ranges = []  # (type, subtype, dtype or None, q)
+    for item in accept.split(","):
+        parts = [p.strip() for p in item.split(";")]
+        kind, _, sub = parts[0].lower().partition("/")
+        if not kind or not sub:
+            continue
+        params = dict(p.partition("=")[::2] for p in parts[1:] if "=" in p)
+        params = {k.strip().lower(): v.strip().strip('"').lower() for k, v in params.items()}
+        q = _quality(params.pop("q"), item) if "q" in params else 1.0
+        ranges.append((kind, sub, params.get("dtype"), q))
+    best, best_q = None, 0.0
+    for rep in REPRESENTATIONS:
+        kind, sub = rep.media_type.split("/")
+        matched = None  # (specificity, q)
+        for r_kind, r_sub, r_dtype, q in ranges:
+            if r_kind not in ("*", kind) or r_sub not in ("*", sub) or (r_dtype is not None and r_dtype != rep.dtype):
+                continue
+            rank = (r_kind != "*") + (r_sub != "*") + (r_dtype is not None)
+            if matched is None or rank > matched[0]:
+                matched = (rank, q)
+        if matched is not None and matched[1] > best_q:
+            best, best_q = rep, matched[1]
+    if best is None:
+        raise HTTPError(406, f"Accept {accept[:120]!r} matches no response type; expected one of {offered()}")
+    return best
+
+
+def prediction_content() -> dict[str, Any]:
+    """The OpenAPI entry of a 200 prediction: the JSON model and every binary form ``Accept`` may ask for."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "model": Prediction,
+        "description": "JSON by default and for */*. Binary bodies (subject, stimulus, shape and dtype in "
+        "x-mirage-* headers): Accept: application/x-npy (float32 .npy), application/x-npy;dtype=float16, "
+        "application/vnd.apache.arrow.stream[;dtype=float16] (one record batch, column 'predictions' of "
+        "n_trs fixed-size lists of n_parcels). 406 when Accept allows none of these.",
+        "content": {NPY_MEDIA_TYPE: binary, ARROW_MEDIA_TYPE: binary},
+    }
+
+
+def encode_prediction(result: dict[str, Any], rep: Representation) -> tuple[bytes, dict[str, str]]:
+    """A prediction's body and headers in representation ``rep``.
+
+    ``result``: ``subject``, ``stimulus``, ``shape`` and ``predictions`` (n_trs, n_parcels)
+    float32. JSON carries every field in the body (float32 numbers, shortest exact form); a
+    binary body carries the array and the other fields travel as ``x-mirage-*`` headers (and, for
+    Arrow, as schema metadata).
+    """
+    from mirage.payload import arrow_body, npy_body
+
+    headers = {"content-type": rep.media_type, "vary": "Accept"}
+    if rep.dtype is None:
+        body = {**result, "predictions": np.ascontiguousarray(result["predictions"], dtype=np.float32)}
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), headers
+    fields = {"subject": result["subject"], "shape": ",".join(map(str, result["shape"])), "dtype": rep.dtype}
+    if result.get("stimulus"):
+        fields["stimulus"] = result["stimulus"]
+    headers.update({f"x-mirage-{k}": v for k, v in fields.items()})
+    pred = np.asarray(result["predictions"])
+    if rep.media_type == NPY_MEDIA_TYPE:
+        return npy_body(pred, rep.dtype), headers
+    return arrow_body(pred, rep.dtype, fields), headers
 
 
 # ----------------------------------------------------------------- parsing

@@ -1,20 +1,27 @@
-"""Ray Tune glue: an Optuna (TPE) + ASHA sweep whose trials each run a Ray Train job.
+"""Ray Tune glue: an Optuna (TPE) + ASHA sweep whose trials each train one model.
 
 Driver layer only: it builds the search space, the Tuner and the trial function. A trial is a
 Tune *function* (Train V2 pattern) that applies its sampled values to the base config with
-``cfg.with_overrides(params)`` and calls :func:`mirage.distributed.train.run_training`, which
-builds the ``TorchTrainer``; ``TuneReportCallback`` in that trainer's callbacks forwards every
-epoch's report to Tune, so ASHA sees each epoch.
+``cfg.with_overrides(params)`` and trains in one of two ways (``sweep.trial_runner``):
 
-Resources: the trial function is only a driver (``sweep.driver_cpus`` logical CPUs); its Train
-workers reserve their own placement group from ``ScalingConfig``. Concurrency is capped by
-``sweep.max_concurrent`` and, on a local Ray, by what the logical CPUs can hold, so a trial never
-waits forever for its workers.
+- ``direct`` (``auto`` with ``train.num_workers == 1``): :func:`mirage.distributed.train.run_in_trial`
+  runs the training loop in the trial process and reports every epoch to Tune; no Ray Train
+  controller or worker is started, so a trial costs its training, not a Train start-up.
+- ``trainer``: :func:`mirage.distributed.train.run_training` builds a ``TorchTrainer``;
+  ``TuneReportCallback`` in that trainer's callbacks forwards every epoch's report to Tune.
+
+Either way ASHA sees each epoch, the trial's MLflow run, checkpoints and exported model are the
+same, and the run folder ``<train.storage>/<sweep.name>-<trial id>`` holds its checkpoints.
+
+Resources: a direct trial reserves what its one worker needs (``train.cpus_per_worker`` and a
+GPU with ``train.use_gpu``); a trainer trial's function is only a driver (``sweep.driver_cpus``
+logical CPUs) and its Train workers reserve their own placement group from ``ScalingConfig``.
+Concurrency is capped by ``sweep.max_concurrent`` and, on a local Ray, by what the logical CPUs
+can hold, so a trial never waits forever for its workers.
 
 Resume: the Tune state lives in ``<train.storage>/<sweep.name>``; running the same sweep again
-restores it with ``Tuner.restore`` (finished trials are kept, unfinished ones restart and their
-Train runs resume from their last checkpoint, because each trial's Train run is named after the
-trial id). The MLflow parent run id is kept beside it (``<sweep.name>.mirage.json``, see
+restores it with ``Tuner.restore`` (finished trials are kept, unfinished ones restart and resume
+from the last complete checkpoint in their run folder, named after the trial id). The MLflow parent run id is kept beside it (``<sweep.name>.mirage.json``, see
 :mod:`mirage.distributed.sweep_state`) with the hash of the sweep's defining config: a resume, or a
 rerun of a finished sweep, with another config is refused and the differing keys are named.
 """
@@ -34,6 +41,7 @@ import optuna
 import ray
 from ray import tune
 from ray.tune import ExperimentAnalysis
+from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -43,7 +51,7 @@ from mirage.atomic import write_text
 from mirage.config import Config, ConfigError, ParamSpec
 from mirage.distributed import sweep_state
 from mirage.distributed.cluster import check_cluster_gpus
-from mirage.distributed.train import run_training
+from mirage.distributed.train import run_in_trial, run_training
 from mirage.errors import MirageError
 from mirage.sweep_analysis import write_analysis
 
@@ -172,20 +180,39 @@ def trial_train_name(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}-{trial_id}"
 
 
+def trial_runner(cfg: Config) -> str:
+    """``direct`` or ``trainer``: how a trial of ``cfg`` trains (``sweep.trial_runner``, ``auto`` resolved).
+
+    Raises:
+        ConfigError: ``direct`` was asked for a training run of several workers.
+    """
+    runner = cfg.sweep.trial_runner
+    if runner == "auto":
+        return "direct" if cfg.train.num_workers == 1 else "trainer"
+    if runner == "direct" and cfg.train.num_workers != 1:
+        raise ConfigError(
+            f"sweep.trial_runner=direct with train.num_workers={cfg.train.num_workers}: a direct trial trains "
+            "on one worker; expected train.num_workers=1, or sweep.trial_runner=trainer (or auto)"
+        )
+    return runner
+
+
 def make_trial_fn(base: dict[str, Any], parent_run_id: str):
     """The Tune function of one trial (a closure over the base config tree and the parent run)."""
 
     def mirage_trial(params: dict[str, Any]) -> None:
         trial_id = tune.get_context().get_trial_id()
         cfg = Config.model_validate(base).with_overrides(dict(params))
-        run_training(
-            cfg,
-            callbacks=[TuneReportCallback()],
-            tracking_parent=parent_run_id,
-            name=trial_train_name(cfg.sweep.name, trial_id),
-            tags={TRIAL_TAG: trial_id, SWEEP_TAG: cfg.sweep.name},
-            kind="trial",
-        )
+        run = {
+            "tracking_parent": parent_run_id,
+            "name": trial_train_name(cfg.sweep.name, trial_id),
+            "tags": {TRIAL_TAG: trial_id, SWEEP_TAG: cfg.sweep.name},
+            "kind": "trial",
+        }
+        if trial_runner(cfg) == "direct":
+            run_in_trial(cfg, **run)
+        else:
+            run_training(cfg, callbacks=[TuneReportCallback()], **run)
 
     return mirage_trial
 
@@ -193,8 +220,18 @@ def make_trial_fn(base: dict[str, Any], parent_run_id: str):
 # ------------------------------------------------------------------ resources
 
 
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What the trial function itself reserves: a direct trial its worker's CPUs and GPU, a trainer
+    trial its driver's CPUs (the Train workers reserve their own)."""
+    if trial_runner(cfg) == "direct":
+        return {"cpu": cfg.train.cpus_per_worker, "gpu": 1.0 if cfg.train.use_gpu else 0.0}
+    return {"cpu": cfg.sweep.driver_cpus}
+
+
 def trial_cpus(cfg: Config) -> float:
-    """Logical CPUs one trial holds: its driver plus its Train workers."""
+    """Logical CPUs one trial holds: a direct trial its worker's, a trainer trial its driver's plus its Train workers'."""
+    if trial_runner(cfg) == "direct":
+        return cfg.train.cpus_per_worker
     return cfg.sweep.driver_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker
 
 
@@ -210,8 +247,10 @@ def concurrency(cfg: Config, cluster_cpus: float | None) -> int:
     fit = int(cluster_cpus // need)
     if fit < 1:
         raise MirageError(
-            f"one trial needs {need:g} logical CPUs (sweep.driver_cpus + train.num_workers x "
-            f"train.cpus_per_worker) but Ray has {cluster_cpus:g}: raise ray.num_cpus or lower those"
+            f"one trial needs {need:g} logical CPUs (sweep.trial_runner={trial_runner(cfg)}: "
+            + ("train.cpus_per_worker" if trial_runner(cfg) == "direct"
+               else "sweep.driver_cpus + train.num_workers x train.cpus_per_worker")
+            + f") but Ray has {cluster_cpus:g}: raise ray.num_cpus or lower those"
         )
     return min(cfg.sweep.max_concurrent, fit)
 
@@ -244,8 +283,14 @@ def build_tuner(cfg: Config, parent_run_id: str, restore: bool):
     local = not (os.environ.get("RAY_ADDRESS") or cfg.ray.address)
     cpus = ray.cluster_resources().get("CPU") if local else None
     n_conc = concurrency(cfg, cpus)
-    fn = make_trial_fn(cfg.to_dict(), parent_run_id)
-    trainable = tune.with_resources(fn, {"cpu": cfg.sweep.driver_cpus})
+    base = cfg.to_dict()
+    runner = trial_runner(cfg)  # a runner that cannot train this config fails here, not in every trial
+    fn = make_trial_fn(base, parent_run_id)
+
+    def resources(params: dict[str, Any]):  # per trial: the space may change the worker count or CPUs
+        return resource_dict_to_pg_factory(trial_resources(Config.model_validate(base).with_overrides(dict(params))))
+
+    trainable = tune.with_resources(fn, resources)
     path = experiment_path(cfg)
     if restore:
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -266,7 +311,9 @@ def build_tuner(cfg: Config, parent_run_id: str, restore: bool):
         run_config=tune.RunConfig(
             name=cfg.sweep.name,
             storage_path=str(Path(cfg.train.storage)),
-            failure_config=tune.FailureConfig(max_failures=0),
+            # a direct trial is its own worker: Tune restarts it from its last checkpoint as Train
+            # would restart a trainer trial's workers (which Tune then must not retry again)
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if runner == "direct" else 0),
             verbose=1,
         ),
     )

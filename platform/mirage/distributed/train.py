@@ -4,6 +4,12 @@ Two layers, as in Ray's own templates: :func:`run_training` (driver) builds the 
 opens the MLflow run and collects the result; :func:`train_worker` (per worker) only reads its
 context, runs the plain-torch loop, and reports each epoch with its distributed checkpoint.
 Rebuilding the trainer with the same storage path and name resumes from its latest checkpoint.
+
+:func:`run_in_trial` runs the same loop in the calling process, for a Tune trial whose training
+fits one worker: :class:`TuneSession` writes each epoch's checkpoint into the run folder with the
+layout a Train run leaves there (``<train.storage>/<name>/epoch_NNNN``, marked ``COMPLETE``, the
+best and the latest kept) and reports the epoch to Tune. Both paths share the MLflow run handling
+(:func:`tracked_training`, :func:`log_outputs`), so a run resumes from either path's checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.distributed.checkpoint import FileSystemReader
 
-from mirage.config import Config
+from mirage.config import Config, ConfigError
 from mirage.distributed.cluster import check_cluster_gpus, init_ray
 from mirage.train.loop import (
     MODEL_DIR,
@@ -37,6 +43,8 @@ from mirage.train.loop import (
 )
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+"""Result key naming an epoch's checkpoint folder (the key ``TuneReportCallback`` uses)."""
 _NOT_IN_RUN_NAME = (  # where a run goes and what runs after it; none of these change the trained model
     "train.name", "train.storage", "train.max_failures", "train.loader_threads", "train.baseline.",
     "tracking.", "ray.", "outputs", "serve.", "sweep.", "ensemble.",
@@ -119,6 +127,64 @@ class RaySession:
             mark_complete(persisted, int(metrics["epoch"]), self.world_size)
 
 
+class TuneSession:
+    """:class:`mirage.train.loop.Session` of one rank running inside a Ray Tune trial function.
+
+    Checkpoints go to ``run_dir/epoch_NNNN`` (marked ``COMPLETE`` once written); like a Train run
+    with ``CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_r")``, the folder of the
+    best epoch (the newest holding an exported model) and the latest one are kept. Each epoch's
+    metrics then go to ``ray.tune.report`` with the checkpoint's path under ``checkpoint_path``, as
+    ``TuneReportCallback`` forwards a Train run's reports, so the scheduler sees every epoch after
+    its checkpoint is on disk. Resume reads the newest complete folder, whichever path wrote it.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, use_gpu: bool, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        if use_gpu and torch.cuda.is_available():
+            # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU: the first visible one is ours
+            self.device = torch.device("cuda", 0)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+
+    def restore(self):
+        return contextlib.nullcontext(latest_complete_checkpoint(self.run_dir))
+
+    def report(self, metrics: dict[str, Any], write) -> None:
+        from ray import tune
+
+        path = self.run_dir / f"epoch_{int(metrics['epoch']):04d}"
+        if path.exists():
+            shutil.rmtree(path)  # an earlier attempt at this epoch
+        write(path)
+        mark_complete(path, int(metrics["epoch"]), self.world_size)
+        prune_checkpoints(self.run_dir)
+        tune.report({**metrics, CHECKPOINT_PATH_KEY: str(path)})
+
+
+def best_export_dir(run_dir: Path) -> Path | None:
+    """The newest complete ``epoch_NNNN`` folder under ``run_dir`` holding an exported model (the best epoch)."""
+    for d in sorted(run_dir.glob("epoch_[0-9][0-9][0-9][0-9]"), reverse=True):
+        if is_complete(d) and (d / MODEL_DIR).is_dir():
+            return d
+    return None
+
+
+def prune_checkpoints(run_dir: Path) -> list[Path]:
+    """Remove every ``epoch_NNNN`` folder but the latest complete one and the best export; returns those removed."""
+    latest = latest_complete_checkpoint(run_dir)
+    if latest is None:
+        return []
+    keep = {latest, best_export_dir(run_dir)}
+    gone = [d for d in sorted(run_dir.glob("epoch_[0-9][0-9][0-9][0-9]")) if d not in keep and d.name < latest.name]
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    return gone
+
+
 def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     """The newest ``epoch_NNNN`` folder under ``run_dir`` marked ``COMPLETE`` whose every shard is on disk.
 
@@ -143,18 +209,24 @@ def _as_path(cm):
         yield Path(d)
 
 
+def tracking_hooks(tracking: dict[str, str] | None, rank: int) -> dict[str, Any]:
+    """``fit``'s ``on_epoch`` / ``on_val_predictions`` logging into the MLflow run ``tracking`` names (rank 0 only)."""
+    if not tracking or rank != 0:
+        return {}
+    from mirage.tracking import EpochLogger
+    from mirage.tracking.predictions import EpochPredictionLogger
+
+    return {
+        "on_epoch": EpochLogger(tracking["uri"], tracking["run_id"]),
+        "on_val_predictions": EpochPredictionLogger(tracking["uri"], tracking["run_id"]),
+    }
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Per-worker entry point: ``config = {"cfg": Config dict, "tracking": {"uri", "run_id"} | None}``."""
     cfg = Config.model_validate(config["cfg"])
     session = RaySession(cfg.train.use_gpu, config.get("run_dir"))
-    on_epoch = on_val_predictions = None
-    if config.get("tracking") and session.rank == 0:
-        from mirage.tracking.predictions import EpochPredictionLogger
-        from mirage.tracking import EpochLogger
-
-        on_epoch = EpochLogger(config["tracking"]["uri"], config["tracking"]["run_id"])
-        on_val_predictions = EpochPredictionLogger(config["tracking"]["uri"], config["tracking"]["run_id"])
-    return fit(cfg, session, on_epoch=on_epoch, on_val_predictions=on_val_predictions)
+    return fit(cfg, session, **tracking_hooks(config.get("tracking"), session.rank))
 
 
 def build_trainer(
@@ -223,32 +295,90 @@ def run_training(
         tags: extra MLflow tags; ``kind``: the ``mirage.kind`` tag (``train`` or ``trial``).
         track: open an MLflow run (``False``: Ray only).
     """
-    # MLflow only on the driver: every Train worker imports this module too
-    from mirage import tracking as trk
-
     init_ray(cfg.ray)
     check_cluster_gpus(cfg, "train")  # a GPU request the cluster can never meet would wait forever
     name = name or run_name(cfg)
-    run_dir = Path(cfg.train.storage) / name
     trainer_cbs = list(callbacks or []) + list(run_config_callbacks or [])
     if not track:
         result = build_trainer(cfg, name=name, run_config_callbacks=trainer_cbs).fit()
         return _result(result, name, None)
 
+    with tracked_training(cfg, name, kind=kind, tracking_parent=tracking_parent, tags=tags) as tracking:
+        trainer = build_trainer(cfg, name=name, run_config_callbacks=trainer_cbs, tracking=tracking)
+        out = _result(trainer.fit(), name, tracking["run_id"])
+        log_outputs(cfg, out)
+        return out
+
+
+def run_in_trial(
+    cfg: Config,
+    *,
+    name: str,
+    tracking_parent: str | None = None,
+    tags: dict[str, str] | None = None,
+    kind: str = "trial",
+) -> TrainResult:
+    """Train ``cfg`` on one rank in this process (a Tune trial function), tracked like :func:`run_training`.
+
+    Every epoch is reported to Tune through :class:`TuneSession`; the run folder
+    ``<train.storage>/<name>`` holds the checkpoints, so the same name resumes from the latest.
+
+    Raises:
+        ConfigError: ``cfg.train.num_workers`` is not 1.
+    """
+    if cfg.train.num_workers != 1:
+        raise ConfigError(
+            f"train.num_workers={cfg.train.num_workers}: a training run inside the trial process has one "
+            "worker; expected train.num_workers=1 or sweep.trial_runner=trainer"
+        )
+    run_dir = Path(cfg.train.storage) / name
+    with tracked_training(cfg, name, kind=kind, tracking_parent=tracking_parent, tags=tags) as tracking:
+        session = TuneSession(cfg.train.use_gpu, run_dir)
+        summary = fit(cfg, session, **tracking_hooks(tracking, session.rank))
+        best = best_export_dir(run_dir)
+        val_r = best / VAL_R_FILE if best is not None else None
+        out = TrainResult(
+            best_val_r=float(summary["best_val_r"]),
+            best_epoch=int(summary["best_epoch"]),
+            model_dir=str(best / MODEL_DIR) if best is not None else None,
+            val_r_path=str(val_r) if val_r is not None and val_r.is_file() else None,
+            mlflow_run_id=tracking["run_id"],
+            history=list(summary["history"]),
+            path=str(run_dir),
+            name=name,
+        )
+        log_outputs(cfg, out)
+        return out
+
+
+@contextlib.contextmanager
+def tracked_training(cfg: Config, name: str, *, kind: str, tracking_parent: str | None, tags: dict[str, str] | None):
+    """The MLflow run of training run ``name``: yields ``{"uri", "run_id"}``, closes it with its true status.
+
+    An earlier, unfinished attempt at the same run (its id saved in ``<run folder>/mlflow_run.json``)
+    is reopened, so a resumed run keeps one MLflow run.
+    """
+    # MLflow only where a run is opened: every Train worker imports this module too
+    from mirage import tracking as trk
+
+    run_dir = Path(cfg.train.storage) / name
     previous = _previous_mlflow_run(run_dir, cfg.tracking.uri)
     with trk.tracked_run(cfg, kind, name, parent_run_id=tracking_parent, tags=tags, run_id=previous) as run_id:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": run_id, "uri": cfg.tracking.uri}))
-        trainer = build_trainer(
-            cfg, name=name, run_config_callbacks=trainer_cbs, tracking={"uri": cfg.tracking.uri, "run_id": run_id}
-        )
-        out = _result(trainer.fit(), name, run_id)
-        if out.model_dir:
-            trk.log_artifacts(cfg.tracking.uri, run_id, out.model_dir, "model")
-        if out.val_r_path:
-            trk.log_artifacts(cfg.tracking.uri, run_id, out.val_r_path, "validation")
-        trk.log_metrics(cfg.tracking.uri, run_id, {"best_val_r": out.best_val_r, "best_epoch": out.best_epoch}, step=0)
-        return out
+        yield {"uri": cfg.tracking.uri, "run_id": run_id}
+
+
+def log_outputs(cfg: Config, out: TrainResult) -> None:
+    """Log a finished run's exported model (``model``), per-parcel validation r (``validation``) and best score."""
+    from mirage import tracking as trk
+
+    uri, run_id = cfg.tracking.uri, out.mlflow_run_id
+    if out.model_dir:
+        trk.log_artifacts(uri, run_id, out.model_dir, "model")
+    if out.val_r_path:
+        trk.log_artifacts(uri, run_id, out.val_r_path, "validation")
+    trk.log_metrics(uri, run_id, {"best_val_r": out.best_val_r, "best_epoch": out.best_epoch}, step=0)
 
 
 def _previous_mlflow_run(run_dir: Path, uri: str) -> str | None:

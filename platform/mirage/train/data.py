@@ -4,9 +4,11 @@ A :class:`WindowDataset` indexes every window of a split without reading any arr
 (each run's length is first reconciled with its stimulus' by the rule of ``data check``,
 :func:`mirage.data.windows.run_windows`); a window is read on demand: its feature rows from the store's memory map (float16,
 zero rows past the stimulus edges) and its fMRI rows from its run, z-scored per parcel
-over the whole run (a few runs are kept in a small cache). :func:`epoch_plan` cuts an
-epoch into per-rank batches; :class:`PrefetchLoader` builds the next batches on
-background threads while the current step runs.
+over the whole run (a few runs are kept in a small cache). With ``train.input: resident`` the
+training split keeps this rank's shard of windows in memory instead (:class:`ResidentShard`,
+loaded once; windows are sliced there). :func:`epoch_plan` cuts an epoch into per-rank batches
+(:func:`sharded_epoch_plan` when every rank draws from its own shard); :class:`PrefetchLoader`
+builds the next batches on background threads while the current step runs.
 """
 
 from __future__ import annotations
@@ -74,12 +76,14 @@ class WindowDataset:
     """Every window of one split; arrays are read only when a window is loaded.
 
     Args:
-        cfg: resolved config (``data``, ``features``, ``model.layers``).
+        cfg: resolved config (``data``, ``features``, ``model.layers``, ``train.input``).
         split: ``"train"`` or ``"val"``.
         store: an open feature store (``mirage.features.store.open_store(cfg.features)``).
+        rank, world_size: this rank and the number of ranks; with ``train.input: resident`` the
+            training split loads the shard of ``rank`` (:func:`shard_sizes`) into memory.
     """
 
-    def __init__(self, cfg: Config, split: str, store, cache_runs: int = 8):
+    def __init__(self, cfg: Config, split: str, store, cache_runs: int = 8, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
         self.split = split
         self.store = store
@@ -129,6 +133,21 @@ class WindowDataset:
         self._cache_size = cache_runs
         self._lock = threading.Lock()
         self._maps: dict[str, np.ndarray] = {}
+        self.rank, self.world_size = rank, world_size
+        self.owner: np.ndarray | None = None  # (n_windows,) rank holding each window, when ranks own shards
+        self.resident: ResidentShard | None = None
+        if split == "train" and cfg.train.input == "resident" and self.refs:
+            self.owner = shard_owner(self.refs, cfg.train.batch_size, world_size)
+            self.resident = ResidentShard(self, np.flatnonzero(self.owner == rank).tolist())
+            self._cache_size = max(cache_runs, len({(r.fmri_path, r.fmri_key) for r in self.resident.refs}))
+
+    def plan(self, global_batch: int, *, shuffle: bool, seed: int, epoch: int) -> EpochPlan:
+        """This rank's batches of one epoch: :func:`sharded_epoch_plan` when resident, else :func:`epoch_plan`."""
+        if self.owner is not None and shuffle:
+            return sharded_epoch_plan(self.refs, self.n_parcels or 0, global_batch, self.rank, self.owner,
+                                      self.world_size, seed=seed, epoch=epoch)
+        return epoch_plan(self.refs, self.n_parcels or 0, global_batch, self.rank, self.world_size,
+                          shuffle=shuffle, seed=seed, epoch=epoch)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -168,6 +187,9 @@ class WindowDataset:
         ``real=False`` returns the window with an all-False mask (padding that evens out ranks).
         """
         ref = self.refs[i]
+        if self.resident is not None:
+            feats = self.resident.features(i)
+            return (feats, *self._fmri_window(ref, real), ref.subject_index)
         arr = self._features(ref.stimulus_id)  # (n_frames, 3, L_store, D) memmap
         n_frames = arr.shape[0]
         feats = np.zeros((ref.frame_stop - ref.frame_start, arr.shape[1], len(self.layers), arr.shape[3]), np.float16)
@@ -175,13 +197,17 @@ class WindowDataset:
         if hi > lo:
             block = np.asarray(arr[lo:hi])  # (hi - lo, 3, L_store, D): one contiguous read
             feats[lo - ref.frame_start : hi - ref.frame_start] = block[:, :, self.layers]
+        return (feats, *self._fmri_window(ref, real), ref.subject_index)
+
+    def _fmri_window(self, ref: WindowRef, real: bool) -> tuple[np.ndarray, np.ndarray]:
+        """fmri (window_trs, P) float32 (0 on padded rows) and mask (window_trs,) bool of ``ref``."""
         mask = np.array(ref.mask, dtype=bool) & real
         y = self._run_fmri(ref.fmri_path, ref.fmri_key)
         fmri = np.zeros((self.window_trs, y.shape[1]), np.float32)
         rows = ref.tr_start + np.arange(self.window_trs)
         ok = np.array(ref.mask, dtype=bool) & (rows >= 0) & (rows < y.shape[0])
         fmri[ok] = y[rows[ok]]
-        return feats, fmri, mask, ref.subject_index
+        return fmri, mask
 
     def batch(self, items: list[tuple[int, bool]]) -> HostBatch:
         """Stack windows ``[(index, real), ...]`` into a :class:`HostBatch`."""
@@ -192,6 +218,58 @@ class WindowDataset:
             mask=np.stack([p[2] for p in parts]),  # (B, window_trs)
             subject_id=np.array([p[3] for p in parts], dtype=np.int64),  # (B,)
         )
+
+
+_LOAD_FRAMES = 64  # frames read at once when a shard is loaded (bounds the temporary copy)
+
+
+class ResidentShard:
+    """A rank's shard of training windows held in memory: per stimulus, the frames its windows cover.
+
+    Loaded once from the store (selected layers only, float16); a window is a slice of it plus zero
+    rows past the stimulus edges, bit-identical to the memmap read.
+
+    Args:
+        ds: the dataset whose windows ``indices`` (into ``ds.refs``) form the shard.
+    """
+
+    def __init__(self, ds: WindowDataset, indices: list[int]):
+        self.index = {i: k for k, i in enumerate(indices)}  # dataset index -> position in the shard
+        self.refs = [ds.refs[i] for i in indices]
+        spans: dict[str, tuple[int, int]] = {}  # stimulus id -> [first, last) frame read
+        for ref in self.refs:
+            n = ds.store.n_frames(ref.stimulus_id)
+            lo, hi = max(ref.frame_start, 0), min(ref.frame_stop, n)
+            a, b = spans.get(ref.stimulus_id, (lo, hi))
+            spans[ref.stimulus_id] = (min(a, lo), max(b, hi))
+        self.frames: dict[str, tuple[int, np.ndarray]] = {}  # stimulus id -> (first frame, (F, 3, L, D) float16)
+        for sid, (lo, hi) in spans.items():
+            src = ds.store.read(sid)  # (n_frames, 3, L_store, D) memmap
+            block = np.empty((max(hi - lo, 0), src.shape[1], len(ds.layers), src.shape[3]), np.float16)
+            for a in range(lo, hi, _LOAD_FRAMES):  # contiguous reads of a few frames, then the layer selection
+                b = min(a + _LOAD_FRAMES, hi)
+                block[a - lo : b - lo] = np.asarray(src[a:b])[:, :, ds.layers]
+            self.frames[sid] = (lo, block)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for _, a in self.frames.values())
+
+    def features(self, i: int) -> np.ndarray:
+        """Window ``i`` (an index into the dataset's refs, inside this shard): (T, 3, L, D) float16."""
+        k = self.index.get(i)
+        if k is None:
+            raise DataError(f"window {i} is not in this rank's resident shard; expected one of its {len(self.refs)} windows")
+        ref = self.refs[k]
+        first, block = self.frames[ref.stimulus_id]
+        t = ref.frame_stop - ref.frame_start
+        lo, hi = max(ref.frame_start, first), min(ref.frame_stop, first + block.shape[0])
+        if lo == ref.frame_start and hi == ref.frame_stop:
+            return block[lo - first : hi - first].copy()
+        feats = np.zeros((t, *block.shape[1:]), np.float16)
+        if hi > lo:
+            feats[lo - ref.frame_start : hi - ref.frame_start] = block[lo - first : hi - first]
+        return feats
 
 
 @dataclass
@@ -244,6 +322,67 @@ def epoch_plan(
         idx, ok = order[g], real[g]
         cells.append(int(sum(refs[i].n_valid for i, r in zip(idx, ok) if r)) * n_parcels)
         batches.append([(int(i), bool(r)) for i, r in zip(idx[rank::world_size], ok[rank::world_size])])
+    return EpochPlan(batches, cells)
+
+
+def rank_slots(global_batch: int, world_size: int) -> list[int]:
+    """Windows each rank takes from one global batch, dealt round-robin: ``len(range(r, global_batch, world_size))``."""
+    return [len(range(r, global_batch, world_size)) for r in range(world_size)]
+
+
+def shard_sizes(n: int, global_batch: int, world_size: int) -> list[int]:
+    """Windows of each rank's shard: as many as the round-robin deal of :func:`epoch_plan` gives it per epoch.
+
+    So every rank's shard fits its ``steps * slots`` places of an epoch and every window is seen
+    once per epoch across ranks (the remaining places repeat windows of the shard, as the wrap
+    of :func:`epoch_plan` does).
+    """
+    if global_batch < world_size:
+        raise ConfigError(f"train.batch_size={global_batch} is smaller than the {world_size} workers")
+    pos = np.arange(n) % global_batch % world_size  # rank of each place of an unwrapped epoch
+    sizes = [int(v) for v in np.bincount(pos, minlength=world_size)]
+    if n and min(sizes) == 0:
+        raise ConfigError(f"{n} training windows cannot give each of {world_size} ranks a resident shard")
+    return sizes
+
+
+def shard_owner(refs: list[WindowRef], global_batch: int, world_size: int) -> np.ndarray:
+    """(n_windows,) the rank whose resident shard holds each window.
+
+    Windows are ordered by stimulus, then start frame, subject and run, and cut into contiguous
+    blocks of :func:`shard_sizes`: the windows of one stimulus (all subjects who saw it) stay on
+    one rank wherever the sizes allow, so the ranks together hold each stimulus' features about once.
+    """
+    order = sorted(range(len(refs)), key=lambda i: (refs[i].stimulus_id, refs[i].frame_start, refs[i].subject_index,
+                                                      refs[i].fmri_path, refs[i].fmri_key))
+    owner = np.empty(len(refs), np.int64)
+    owner[order] = np.repeat(np.arange(world_size), shard_sizes(len(refs), global_batch, world_size))
+    return owner
+
+
+def sharded_epoch_plan(
+    refs: list[WindowRef], n_parcels: int, global_batch: int, rank: int, owner: np.ndarray, world_size: int, *,
+    seed: int, epoch: int,
+) -> EpochPlan:
+    """Like :func:`epoch_plan` (shuffled), but each rank draws only from its shard (``owner == rank``).
+
+    Each rank takes the epoch's permutation (seeded by (seed, epoch), as :func:`epoch_plan`)
+    restricted to its shard, wrapped around to fill its places; the number of steps is that of
+    :func:`epoch_plan`. On one rank the plan equals :func:`epoch_plan`'s.
+    """
+    n, world = len(refs), world_size
+    if n == 0:
+        return EpochPlan([], [])
+    steps = math.ceil(n / global_batch)
+    slots = rank_slots(global_batch, world)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = []
+    for r in range(world):
+        own = order[owner[order] == r]
+        per_rank.append(np.resize(own, steps * slots[r]).reshape(steps, slots[r]))  # (steps, slots[r])
+    n_valid = np.array([ref.n_valid for ref in refs])
+    cells = [int(sum(n_valid[p[s]].sum() for p in per_rank)) * n_parcels for s in range(steps)]
+    batches = [[(int(i), True) for i in per_rank[rank][s]] for s in range(steps)]
     return EpochPlan(batches, cells)
 
 

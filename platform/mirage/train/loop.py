@@ -170,9 +170,7 @@ def train_epoch(model, optimizer, scheduler, ds: WindowDataset, cfg: Config, ses
     """One pass over this rank's share of the training windows; returns the epoch's training metrics."""
     tc = cfg.train
     t0 = time.perf_counter()
-    plan = epoch_plan(
-        ds.refs, ds.n_parcels, tc.batch_size, session.rank, session.world_size, shuffle=True, seed=tc.seed, epoch=epoch
-    )
+    plan = ds.plan(tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch)
     loader = PrefetchLoader(ds.batch, plan.batches, tc.loader_threads)
     sse = torch.zeros((), dtype=torch.float64, device=session.device)
     for hb, global_cells in zip(loader, plan.cells):
@@ -240,7 +238,7 @@ def fit(
     started_at = time.time()
     tc = cfg.train
     store = store if store is not None else open_store(cfg.features)
-    train_ds = WindowDataset(cfg, "train", store)
+    train_ds = WindowDataset(cfg, "train", store, rank=session.rank, world_size=session.world_size)
     val_ds = WindowDataset(cfg, "val", store)
     if len(train_ds) == 0:
         raise DataError(f"{cfg.data.root}: the train split {cfg.data.train} has no fMRI windows")
