@@ -32,18 +32,11 @@ def load() -> str:
 
 def prepare(out: Path, trials: int, epochs: int, sets: list[str]):
     """The demo config on a dataset and feature store under ``out`` (made once)."""
-    from mirage.data.synth import write_synthetic
-    from mirage.features.extract import extract_all
+    from demo_inputs import demo_inputs
 
-    cfg = resolve_paths(load_config("demo", [
+    return demo_inputs(resolve_paths(load_config("demo", [
         f"outputs={out}", f"train.epochs={epochs}", f"sweep.num_samples={trials}", "train.use_gpu=false", *sets,
-    ]))
-    if not (Path(cfg.data.root) / "_truth" / "truth.json").is_file():
-        write_synthetic(cfg.data.root, cfg.data.synth, tr=cfg.data.tr)
-    res = extract_all(cfg)
-    if res.failed:
-        raise SystemExit(f"extraction failed: {res.failed}")
-    return cfg
+    ])))
 
 
 def trial_rows(exp: Path) -> dict[str, list[dict]]:

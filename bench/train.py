@@ -38,16 +38,9 @@ BENCH_OVERRIDES = [
 
 
 def prepare(out: Path, epochs: int):
-    from mirage.data.synth import write_synthetic
-    from mirage.features.extract import extract_all
+    from demo_inputs import demo_inputs
 
-    cfg = resolve_paths(load_config("demo", BENCH_OVERRIDES + [f"outputs={out}", f"train.epochs={epochs}"]))
-    if not (Path(cfg.data.root) / "_truth" / "truth.json").is_file():
-        write_synthetic(cfg.data.root, cfg.data.synth, tr=cfg.data.tr)
-    res = extract_all(cfg)
-    if res.failed:
-        raise SystemExit(f"extraction failed: {res.failed}")
-    return cfg
+    return demo_inputs(resolve_paths(load_config("demo", BENCH_OVERRIDES + [f"outputs={out}", f"train.epochs={epochs}"])))
 
 
 def steady(history: list[dict], key: str) -> float:

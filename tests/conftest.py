@@ -51,6 +51,16 @@ def synth_root(test_cfg):
     return root
 
 
+@pytest.fixture
+def synth_copy(synth_root, tmp_path):
+    """A private copy of the synthetic test dataset (without its ground truth) that a test may change or break."""
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("_truth"))
+    return root
+
+
 # ---- feature fixtures (feature store) ----------------------------------------
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from import_graph import find_cycle
 import torch
 
 from mirage.config import load_config
@@ -93,37 +94,9 @@ def _core_graph() -> dict[str, set[str]]:
     return {_module_of(p): _imports(p, known) - {_module_of(p)} for p in files}
 
 
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of ``graph`` as a list of nodes (first == last), or None."""
-    state: dict[str, int] = {}  # 1 on the stack, 2 done
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(graph.get(n, ())):
-            if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
-            if m not in state and (found := visit(m)):
-                return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in sorted(graph):
-        if n not in state and (found := visit(n)):
-            return found
-    return None
-
-
-def test_cycle_finder_finds_a_cycle():
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
-
-
 def test_core_imports_form_no_cycle():
     graph = _core_graph()
     assert {"mirage.features.backbone", "mirage.features.tiny", "mirage.train.data"} <= set(graph)
     assert "mirage.features.tiny" in graph["mirage.features.backbone"]  # the registry names its loaders
-    cycle = _cycle(graph)
+    cycle = find_cycle(graph)
     assert cycle is None, f"import cycle among the core packages: {' -> '.join(cycle)}"

@@ -7,7 +7,6 @@ that ``data check`` reports; a difference within the tolerance keeps every fMRI 
 
 from __future__ import annotations
 
-import shutil
 
 import h5py
 import numpy as np
@@ -22,14 +21,6 @@ KEY = "ses-001_task-s01e01a"
 """A training run of sub-01 (Friends s01e01a)."""
 
 
-@pytest.fixture
-def ds(synth_root, tmp_path):
-    """A private copy of the synthetic test dataset whose fMRI lengths the tests change."""
-    root = tmp_path / "ds"
-    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("_truth"))
-    return root
-
-
 def _set_rows(root, n_trs: int):
     """Give ``KEY`` of sub-01 ``n_trs`` fMRI rows (random, so that a z-score is defined); its h5 path."""
     path = next((root / "fmri" / "sub-01" / "func").glob("*task-friends*_bold.h5"))
@@ -41,10 +32,10 @@ def _set_rows(root, n_trs: int):
 
 
 @pytest.mark.parametrize("n_trs", [10, 40])  # 17 TRs short of the 27-TR movie, 13 TRs past it
-def test_training_windows_raise_the_error_of_data_check(ds, train_cfg, feature_store, n_trs):
-    path = _set_rows(ds, n_trs)
-    cfg = train_cfg.with_overrides({"data.root": str(ds)})
-    report = check_dataset(ds, cfg.data)
+def test_training_windows_raise_the_error_of_data_check(synth_copy, train_cfg, feature_store, n_trs):
+    path = _set_rows(synth_copy, n_trs)
+    cfg = train_cfg.with_overrides({"data.root": str(synth_copy)})
+    report = check_dataset(synth_copy, cfg.data)
     reported = [e for e in report["errors"] if f"key {KEY!r}" in e]
     assert len(reported) == 1 and f"fMRI has {n_trs} TRs" in reported[0], report["errors"]
     with pytest.raises(DataError) as err:
@@ -53,11 +44,11 @@ def test_training_windows_raise_the_error_of_data_check(ds, train_cfg, feature_s
     assert str(path) in str(err.value) and "data.max_length_mismatch_trs" in str(err.value)
 
 
-def test_a_difference_within_the_tolerance_keeps_every_fmri_row(ds, train_cfg, feature_store):
+def test_a_difference_within_the_tolerance_keeps_every_fmri_row(synth_copy, train_cfg, feature_store):
     n_trs = 29  # the movie spans 27 TRs; data.max_length_mismatch_trs is 5
-    _set_rows(ds, n_trs)
-    cfg = train_cfg.with_overrides({"data.root": str(ds)})
-    report = check_dataset(ds, cfg.data)
+    _set_rows(synth_copy, n_trs)
+    cfg = train_cfg.with_overrides({"data.root": str(synth_copy)})
+    report = check_dataset(synth_copy, cfg.data)
     assert report["ok"], report["errors"]
     assert report["lengths"]["diff_histogram"].get("2", 0) >= 1
     train = WindowDataset(cfg, "train", feature_store)
