@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from mirage.config import MODALITIES
 from mirage.errors import DataError, ModelLoadError
-from mirage.predictor import Predictor, RunRequest, find_model_dir, model_kind
+from mirage.model_dirs import find_model_dir, model_kind
+from mirage.predictor import Predictor, RunRequest
 from mirage.tracking.models import load_predictor
 
 

@@ -173,7 +173,7 @@ def test_unknown_registered_model_fails_before_ray(command, base_sets, tmp_path,
 
 def test_exported_model_directory_passes(tmp_path):
     from mirage.errors import ModelLoadError
-    from mirage.predictor import EXPORT_FILES
+    from mirage.model_dirs import EXPORT_FILES
     from mirage.preflight import check_model
 
     d = tmp_path / "model"

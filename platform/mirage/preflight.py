@@ -36,15 +36,21 @@ from pathlib import Path
 from mirage.config import Config
 from mirage.data.layout import Release
 from mirage.data.splits import split_runs
-from mirage.errors import DataError, FeatureStoreError, ModelLoadError, ResourceError, TrackingError
+from mirage.errors import (
+    DataError,
+    FeatureStoreError,
+    ModelLoadError,
+    ResourceError,
+    TrackingError,
+)
 from mirage.features.store import open_store
+from mirage.model_dirs import is_mlflow_uri, model_kind
 
 CHECKS = ("tracking", "gpus", "data", "features", "model")
 """Every check, in the order :func:`preflight` runs them (cheapest first)."""
 GPU_USES = ("train", "extract", "serve", "predict")
 TRAINING_SPLITS = ("train", "val")
 HTTP_TIMEOUT_S = 5.0
-MLFLOW_SCHEMES = ("runs:/", "models:/")
 NVIDIA_PROC = "/proc/driver/nvidia/gpus"
 ROCM_DEV = "/dev/kfd"
 
@@ -288,9 +294,7 @@ def check_model(uri: str, tracking_uri: str) -> None:
     """
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
-    if not uri.startswith(MLFLOW_SCHEMES):
-        from mirage.predictor import model_kind  # imports torch (~2 s); commands import this module for --help
-
+    if not is_mlflow_uri(uri):
         model_kind(uri)
         return
     if tracking_uri.startswith(("http://", "https://")):

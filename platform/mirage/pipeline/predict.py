@@ -15,6 +15,7 @@ from mirage.data.layout import Release
 from mirage.distributed.cluster import ray_session
 from mirage.distributed.predict import predict_split
 from mirage.distributed.serve import run_server
+from mirage.model_dirs import is_mlflow_uri
 from mirage.submission import write_predictions, write_submission
 
 VAL_FILE = "predictions_val.npz"
@@ -42,7 +43,7 @@ def check_model(cfg: Config, model_uri: str) -> None:
     Raises:
         ModelLoadError: no such run, artifact, registered model or version.
     """
-    if tracking.is_mlflow_uri(model_uri):
+    if is_mlflow_uri(model_uri):
         tracking.check_model_uri(model_uri, cfg.tracking.uri)
 
 

@@ -7,11 +7,9 @@ through an ``MlflowClient`` bound to it; no module outside this package imports 
 """
 
 from mirage.tracking.models import (
-    SCHEMES,
     check_model_uri,
     download_model,
     download_run_artifacts,
-    is_mlflow_uri,
     load_predictor,
 )
 from mirage.tracking.registry import (

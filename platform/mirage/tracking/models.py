@@ -13,18 +13,13 @@ from pathlib import Path
 
 import mlflow.artifacts
 import torch
-from mirage.errors import ModelLoadError
-from mirage.predictor import Predictor, find_model_dir
-from mirage.tracking.runs import client
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-SCHEMES = ("runs:/", "models:/")
-
-
-def is_mlflow_uri(uri: str) -> bool:
-    """Whether ``uri`` names a model in an MLflow store (else it is a local path)."""
-    return uri.startswith(SCHEMES)
+from mirage.errors import ModelLoadError
+from mirage.model_dirs import find_model_dir, is_mlflow_uri
+from mirage.predictor import Predictor
+from mirage.tracking.runs import client
 
 
 def _registered(c: MlflowClient, uri: str) -> tuple[str, str, str]:
