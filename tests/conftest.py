@@ -176,3 +176,27 @@ def ensemble_model(serve_cfg, feature_store, tmp_path_factory) -> Path:
     w = rng.uniform(0.1, 1.0, (2, len(serve_cfg.data.subjects), serve_cfg.data.n_parcels))
     w = (w / w.sum(axis=0, keepdims=True)).astype(np.float32)
     return write_ensemble_dir(base / "ensemble", members, w, list(serve_cfg.data.subjects), {"temperature": 0.3})
+
+
+# ---- multi-node fixtures -------------------------------------------------------
+
+SIM_GPU_NODES = 3  # two for the work, one spare that takes over when a node is killed
+
+
+@pytest.fixture(scope="module")
+def sim_cluster(test_cfg):
+    """A simulated multi-node Ray cluster (:class:`mirage.distributed.sim_cluster.SimCluster`) with this
+    process as the driver on its head (no CPUs for work), ``SIM_GPU_NODES`` worker nodes of the
+    ``gpu_group`` (1 slot, 2 CPUs each) and one ``cpu_group`` node (2 CPUs, where work that asks only
+    for CPUs may land); stopped, every process with it, at the end of the module."""
+    from mirage.distributed.sim_cluster import CPU_GROUP, GPU_GROUP, SimCluster
+
+    sim = SimCluster(test_cfg.ray).start()
+    try:
+        for _ in range(SIM_GPU_NODES):
+            sim.add_node(GPU_GROUP, slots=1, cpus=2)
+        sim.add_node(CPU_GROUP, slots=2, cpus=2)
+        sim.connect()
+        yield sim
+    finally:
+        sim.shutdown()

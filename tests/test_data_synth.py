@@ -102,6 +102,8 @@ def test_synth_check_passes_on_fixture(synth_root, test_cfg):
     assert report["warnings"] == []
     assert report["stimuli"]["chaplin1"]["transcript"] is None
     assert report["lengths"]["max_abs_diff_trs"] <= 1
+    for sub in test_cfg.data.subjects:  # every subject has the release's atlas, labels 1..n_parcels
+        assert report["subjects"][sub]["atlas"]["file"].startswith(f"{sub}_space-MNI152NLin2009cAsym_atlas-Schaefer18")
 
 
 def test_synth_refuses_non_empty_target_and_cleans_up(tmp_path, test_cfg):

@@ -139,7 +139,7 @@ def test_killed_job_resumes_without_redoing_work(feature_store, synth_root, test
     assert sorted(result.skipped) == done and sorted(result.written) == sorted(set(SUBSET) - set(done))
     store = open_store(cfg.features)
     assert store.stimuli() == sorted(SUBSET) and store.verify() == {}
-    files = sorted(p.name for p in store.root.iterdir() if not p.name.startswith("."))  # .lock: the writer's lock
+    files = sorted(p.name for p in store.root.iterdir() if not p.name.startswith("."))  # .lease, .spans: the writer's
     assert files == sorted([f"{s}.npy" for s in SUBSET] + ["manifest.json"])
     assert mtimes == {s: store.path(s).stat().st_mtime_ns for s in done}  # finished work not redone
     for sid in SUBSET:

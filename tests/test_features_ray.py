@@ -99,3 +99,42 @@ def test_pipeline_isolates_an_undecodable_movie(ray_session, synth_root, test_cf
     assert result.written == ["chaplin2"]
     store = open_store(cfg.features)
     assert store.stimuli() == ["chaplin2"] and not list(store.root.glob("s07e01b*"))
+
+
+def test_actors_write_spans_the_driver_gets_metadata_and_a_rerun_reuses_spans(ray_session, feature_store, synth_root,
+                                                                                test_cfg, tmp_path):
+    from mirage.distributed.extract import run_extract
+    from mirage.features.extract import Extractor, plan_items, span_key
+    from mirage.features.spans import write_span
+    from mirage.features.store import SPANS, store_path
+
+    cfg = test_cfg.with_overrides({"data.root": str(synth_root), "features.store": str(tmp_path / "store")})
+    stimuli = ["chaplin2", "s01e01a"]
+    found = Release(synth_root).stimuli()
+    planned = {s: plan_items(s, str(found[s].video), str(found[s].transcript) if found[s].transcript else None,
+                             cfg.features) for s in stimuli}
+    n_items = sum(len(items) for _, items in planned.values())
+    plan, items = planned["s01e01a"]
+    assert len(items) >= 2
+    ex = Extractor(cfg.features)  # an earlier, interrupted run left two spans on disk, the second damaged since
+    root = store_path(cfg.features)
+    key = span_key(plan, str(found["s01e01a"].transcript), cfg.features)
+    kept = [write_span(root, "s01e01a", key, it.start, it.stop, ex.extract_passes(plan, it.start, it.stop).to_arrays(
+        ex.backbone.n_layers, ex.backbone.dim)) for it in items[:2]]
+    damaged = root / kept[1].rel
+    raw = bytearray(damaged.read_bytes())
+    raw[-100] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+
+    messages: list[str] = []
+    result = run_extract(cfg, stimuli=stimuli, progress=messages.append)
+    assert result.ok and sorted(result.written) == stimuli, result.failed
+    assert any("1 corrupt span(s) removed" in m for m in messages), messages
+    assert result.spans_reused == 1 and result.spans_computed == n_items - 1 == result.driver_rows
+    store = open_store(cfg.features)
+    feature_bytes = sum(store.path(s).stat().st_size for s in stimuli)
+    assert 0 < result.driver_bytes / result.driver_rows < 1024  # metadata only
+    assert result.driver_bytes < feature_bytes / 10
+    assert store.verify() == {} and not (root / SPANS).exists()
+    for sid in stimuli:  # same spans, joined in the same order: the in-process features, bit for bit
+        np.testing.assert_array_equal(store.read(sid), feature_store.read(sid))

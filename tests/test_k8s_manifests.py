@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import re
 import shlex
 from pathlib import Path
@@ -410,6 +411,75 @@ def test_rayjob_runs_the_paper_sweep_with_valid_overrides(rendered):
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert {".git", "outputs", ".venv"} <= set(env["excludes"])
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "mirage"}
+
+
+def _group_resources(group: dict) -> dict[str, float]:
+    """The custom Ray resources a group offers: ``rayStartParams.resources``, a JSON object that KubeRay
+    passes to ``ray start --resources=`` through the shell (hence the outer quotes)."""
+    raw = group.get("rayStartParams", {}).get("resources")
+    if not raw:
+        return {}
+    (text,) = shlex.split(raw)
+    return {k: float(v) for k, v in json.loads(text).items()}
+
+
+WORK_GROUPS = {"features.resources": "extract", "train.worker_resources": "train"}
+"""Config field of the custom resources a kind of work requests -> the worker group it must land on."""
+
+
+def resource_mismatches(objs: list[dict]) -> list[str]:
+    """Where the RayJob's extraction actors or Train workers would not land on their own worker group:
+    a request the group does not offer, offered by another group too, more than one pod offers, or
+    none at all (then the work may land anywhere, the head aside); the head offering any."""
+    cluster = next(o for o in objs if o["kind"] == "RayCluster")["spec"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    offered = {g: _group_resources(spec) for g, spec in groups.items()}
+    bad = []
+    if _group_resources(cluster["headGroupSpec"]):
+        bad.append("the head offers custom resources")
+    argv = shlex.split(next(o for o in objs if o["kind"] == "RayJob")["spec"]["entrypoint"])
+    flat = load_config(argv[3], _set_overrides(argv)).flat()
+    for key, group in WORK_GROUPS.items():
+        request = {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")}
+        if not request:
+            bad.append(f"{key} requests no custom resource")
+        for res, amount in request.items():
+            owners = sorted(g for g, r in offered.items() if res in r)
+            if owners != [group]:
+                bad.append(f"{key} requests {res!r}, offered by {owners or 'no group'}; expected the {group} group only")
+            elif amount > offered[group][res]:
+                bad.append(f"{key} requests {amount:g} {res!r}; one {group} pod offers {offered[group][res]:g}")
+    return bad
+
+
+def test_work_requests_the_custom_resources_of_its_worker_group(rendered):
+    name, objs = rendered
+    assert resource_mismatches(objs) == [], name
+    cluster = next(o for o in objs if o["kind"] == "RayCluster")["spec"]
+    for g in cluster["workerGroupSpecs"]:  # one slot per GPU of the pod: one actor or rank per GPU
+        gpus = g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        if gpus is not None:
+            assert sum(_group_resources(g).values()) == int(gpus), f"{name}: {g['groupName']}"
+
+
+def test_resource_check_finds_a_mismatch():
+    objs = render(K8S / "base")
+    job = next(o for o in objs if o["kind"] == "RayJob")
+    cluster = next(o for o in objs if o["kind"] == "RayCluster")["spec"]
+    renamed = copy.deepcopy(objs)
+    next(o for o in renamed if o["kind"] == "RayJob")["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace(
+        "{train_group: 1}", "{training: 1}")
+    shared = copy.deepcopy(objs)
+    extract = next(g for g in next(o for o in shared if o["kind"] == "RayCluster")["spec"]["workerGroupSpecs"]
+                   if g["groupName"] == "extract")
+    extract["rayStartParams"]["resources"] = '"{\\"extract_group\\": 1, \\"train_group\\": 1}"'
+    too_much = copy.deepcopy(objs)
+    next(o for o in too_much if o["kind"] == "RayJob")["spec"]["entrypoint"] += " --set 'features.resources={extract_group: 2}'"
+    headed = copy.deepcopy(objs)
+    next(o for o in headed if o["kind"] == "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]["resources"] = (
+        cluster["workerGroupSpecs"][0]["rayStartParams"]["resources"])
+    for bad in (renamed, shared, too_much, headed):
+        assert resource_mismatches(bad)
 
 
 def test_jobs_sweep_entry_exists():

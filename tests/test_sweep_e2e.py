@@ -160,7 +160,9 @@ def test_mlflow_holds_sweep_trials_and_registered_ensemble(job):
     ens_art = {a.path for a in c.list_artifacts(ens.info.run_id, "ensemble")}
     assert "ensemble/weights.npy" in ens_art
     ana = {a.path for a in c.list_artifacts(ens.info.run_id, "analysis")}
-    assert {"analysis/dominance.png", "analysis/dominant_modality.npy", "analysis/layer_attention.png"} <= ana
+    assert {"analysis/dominant_modality.npy", "analysis/summary.json"} <= ana
+    figs = {a.path for d in ("dominance", "layer_attention") for a in c.list_artifacts(ens.info.run_id, f"figures/{d}")}
+    assert {"figures/dominance/dominance.png", "figures/layer_attention/layer_attention.png"} <= figs
 
     mv = c.get_model_version_by_alias(REGISTRY, "champion")
     assert mv.run_id == ens.info.run_id

@@ -133,9 +133,12 @@ def test_restarted_run_resumes_and_is_tracked(train_cfg, ray_local, tmp_path):
         assert steps == set(range(4)), (key, steps)
     assert run.data.metrics["best_val_r"] == pytest.approx(res.best_val_r)
     top = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "model", "validation"} <= top
-    assert {Path(a.path).name for a in client.list_artifacts(run_id, "model")} >= {
-        "model.safetensors", "config.yaml", "meta.json"
-    }
+    assert {"config.yaml", "validation"} <= top
+    from mirage.model_dirs import find_model_dir
+    from mirage.tracking import download_run_artifacts
+
+    model = download_run_artifacts(cfg.tracking.uri, run_id, "model", tmp_path / "model")  # the run's MLflow model
+    assert (model / "MLmodel").is_file()
+    assert {p.name for p in find_model_dir(model).iterdir()} >= {"model.safetensors", "config.yaml", "meta.json"}
     local = client.download_artifacts(run_id, "validation/val_r.npy", str(tmp_path / "dl"))
     assert np.load(local).shape == (len(cfg.data.subjects), cfg.data.n_parcels)

@@ -1,6 +1,7 @@
 """Interpretability of a trained model: the paper's figures as arrays and PNG plots.
 
-- layer attention profile per modality, averaged over heads and queries (Fig. 4);
+- layer attention profile per modality, averaged over heads and queries, and per head and per
+  query with each profile's distance from uniform and its spread over seeds (Fig. 4);
 - per-parcel validation r and per-subject r;
 - dominant modality per parcel from modality ablation, with its dominance strength (Fig. 2b);
 - mean r for every subset of modalities (Fig. 2c).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,188 @@ def layer_profile(attn: Iterable[np.ndarray]) -> np.ndarray:
     if total is None or count == 0:
         raise ValueError("layer_profile: no attention batches given")
     return total / count
+
+
+@dataclass
+class AttentionViews:
+    """Layer attention of one modality, averaged over windows and frames (Fig. 4).
+
+    ``mean`` (L,) over heads and queries; ``per_head`` (heads, L); ``per_query`` (Q, L);
+    ``per_head_query`` (heads, Q, L). Every profile sums to 1 over the layers.
+    """
+
+    mean: np.ndarray
+    per_head: np.ndarray
+    per_query: np.ndarray
+    per_head_query: np.ndarray
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.mean.shape[-1])
+
+
+def attention_views(attn: Iterable[np.ndarray]) -> AttentionViews:
+    """Per-head and per-query layer profiles of one modality.
+
+    Args:
+        attn: batches of attention weights, each (B, T, heads, Q, L) (softmax over L), as
+            :meth:`mirage.predictor.Predictor.layer_attention` gives them per modality.
+    """
+    total, count = None, 0
+    for a in attn:
+        a = np.asarray(a, dtype=np.float64)
+        if a.ndim != 5:
+            raise ValueError(f"attention_views: expected batches (B, T, heads, Q, L), got shape {a.shape}")
+        s = a.sum(axis=(0, 1))  # (heads, Q, L)
+        total = s if total is None else total + s
+        count += a.shape[0] * a.shape[1]
+    if total is None or count == 0:
+        raise ValueError("attention_views: no attention batches given")
+    hq = total / count  # (heads, Q, L)
+    return AttentionViews(hq.mean(axis=(0, 1)), hq.mean(axis=1), hq.mean(axis=0), hq)
+
+
+def distance_from_uniform(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``1 - H(p) / log(n_layers)`` along ``axis``: 0 for a flat profile, 1 for attention on one layer.
+
+    ``p`` is normalised along ``axis`` first (non-negative weights); one layer gives 0.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if (p < 0).any():
+        raise ValueError("distance_from_uniform: attention weights must be non-negative")
+    n = p.shape[axis]
+    if n < 2:
+        return np.zeros(np.delete(p.shape, axis % p.ndim)) if p.ndim > 1 else np.float64(0.0)
+    q = p / p.sum(axis=axis, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(q > 0, q * np.log(q), 0.0).sum(axis=axis)
+    return np.clip(1.0 - h / np.log(n), 0.0, 1.0)
+
+
+def view_distances(views: AttentionViews) -> dict[str, np.ndarray]:
+    """Distance from uniform of every profile: ``mean`` (), ``per_head`` (heads,), ``per_query`` (Q,),
+    ``per_head_query`` (heads, Q)."""
+    return {
+        "mean": distance_from_uniform(views.mean),
+        "per_head": distance_from_uniform(views.per_head),
+        "per_query": distance_from_uniform(views.per_query),
+        "per_head_query": distance_from_uniform(views.per_head_query),
+    }
+
+
+def seed_spread(values: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over seeds of equally shaped profiles or distances (ddof 0)."""
+    if not values:
+        raise ValueError("seed_spread: no profiles given")
+    shapes = {np.shape(v) for v in values}
+    if len(shapes) != 1:
+        raise ValueError(f"seed_spread: profiles differ in shape {sorted(shapes)}; expected one shape for every seed")
+    arr = np.stack([np.asarray(v, dtype=np.float64) for v in values])
+    return arr.mean(axis=0), arr.std(axis=0)
+
+
+@dataclass
+class AttentionSpread:
+    """One modality's layer attention over seeds: mean and std of the profiles and of their distances."""
+
+    n_seeds: int
+    profile_mean: np.ndarray  # (L,)
+    profile_std: np.ndarray  # (L,)
+    distance_mean: float
+    distance_std: float
+    per_head_distance_mean: np.ndarray  # (heads,)
+    per_head_distance_std: np.ndarray  # (heads,)
+
+    def to_json(self) -> dict:
+        return {
+            "n_seeds": self.n_seeds,
+            "profile_mean": self.profile_mean.tolist(), "profile_std": self.profile_std.tolist(),
+            "distance_mean": self.distance_mean, "distance_std": self.distance_std,
+            "per_head_distance_mean": self.per_head_distance_mean.tolist(),
+            "per_head_distance_std": self.per_head_distance_std.tolist(),
+        }
+
+
+def attention_spread(per_seed: Sequence[dict[str, AttentionViews]]) -> dict[str, AttentionSpread]:
+    """Spread over seeds (one modality -> views mapping per trained model) for every modality all of them have."""
+    if not per_seed:
+        raise ValueError("attention_spread: no models given")
+    out = {}
+    for m in [m for m in per_seed[0] if all(m in v for v in per_seed)]:
+        views = [v[m] for v in per_seed]
+        pm, ps = seed_spread([v.mean for v in views])
+        dm, ds = seed_spread([distance_from_uniform(v.mean) for v in views])
+        hm, hs = seed_spread([distance_from_uniform(v.per_head) for v in views])
+        out[m] = AttentionSpread(len(views), pm, ps, float(dm), float(ds), hm, hs)
+    return out
+
+
+def write_attention_views(
+    views: dict[str, AttentionViews],
+    out_dir: str | Path,
+    spread: dict[str, AttentionSpread] | None = None,
+    on_figure: FigureHook | None = None,
+) -> list[Path]:
+    """Per-head and per-query profiles with their distances from uniform, as arrays, JSON and plots.
+
+    Writes ``attention_<m>_{mean,per_head,per_query}.npy``, ``attention_distance.json`` (modality ->
+    distances of every view, and the seed spread when given), ``attention_<m>.png`` (per-head
+    profiles and the query x layer map, the uniform level drawn) and ``attention_spread.png``;
+    ``on_figure(name, fig)`` sees every plot before it is closed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    summary: dict[str, dict] = {}
+    for m, v in views.items():
+        for name in ("mean", "per_head", "per_query"):
+            np.save(out / f"attention_{m}_{name}.npy", getattr(v, name).astype(np.float32))
+            files.append(out / f"attention_{m}_{name}.npy")
+        d = view_distances(v)
+        summary[m] = {k: np.asarray(x).tolist() for k, x in d.items()}
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+        layers = np.arange(v.n_layers)
+        for h, prof in enumerate(v.per_head):
+            axes[0].plot(layers, prof, marker=".", label=f"head {h} (d={d['per_head'][h]:.2f})")
+        axes[0].plot(layers, v.mean, color="k", lw=2, label=f"mean (d={float(d['mean']):.2f})")
+        axes[0].axhline(1.0 / v.n_layers, color="grey", ls="--", lw=1, label="uniform")
+        axes[0].set(xlabel="layer (selected index)", ylabel="attention", title=f"{m}: per head")
+        axes[0].legend(fontsize=6)
+        im = axes[1].imshow(v.per_query, aspect="auto", cmap="viridis")
+        axes[1].set(xlabel="layer (selected index)", ylabel="query", title=f"{m}: per query")
+        fig.colorbar(im, ax=axes[1])
+        fig.tight_layout()
+        fig.savefig(out / f"attention_{m}.png", dpi=100)
+        if on_figure is not None:
+            on_figure(f"attention_{m}", fig)
+        plt.close(fig)
+        files.append(out / f"attention_{m}.png")
+    if spread:
+        for m, sp in spread.items():
+            summary.setdefault(m, {})["spread"] = sp.to_json()
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for m, sp in spread.items():
+            x = np.arange(len(sp.profile_mean))
+            ax.plot(x, sp.profile_mean, marker="o",
+                    label=f"{m} (d={sp.distance_mean:.2f}±{sp.distance_std:.2f}, {sp.n_seeds} seeds)")
+            ax.fill_between(x, sp.profile_mean - sp.profile_std, sp.profile_mean + sp.profile_std, alpha=0.2)
+            ax.axhline(1.0 / len(x), color="grey", ls="--", lw=1)
+        ax.set(xlabel="layer (selected index)", ylabel="attention", title="Layer attention over seeds (d: distance from uniform)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "attention_spread.png", dpi=100)
+        if on_figure is not None:
+            on_figure("attention_spread", fig)
+        plt.close(fig)
+        files.append(out / "attention_spread.png")
+    (out / "attention_distance.json").write_text(json.dumps(summary, indent=2))
+    files.append(out / "attention_distance.json")
+    return files
 
 
 def per_parcel_r(preds: RunArrays, targets: RunArrays, subjects: list[str]) -> np.ndarray:
@@ -145,8 +328,15 @@ def analyze(
 # ------------------------------------------------------------------- writing
 
 
-def write_analysis(res: AnalysisResult, out_dir: str | Path) -> list[Path]:
-    """Write the arrays (.npy, summary.json) and the plots (.png); returns the files written."""
+FigureHook = Callable[[str, object], None]
+"""Called with (figure name, matplotlib figure) for every plot before it is closed (e.g. to log it to MLflow)."""
+
+
+def write_analysis(res: AnalysisResult, out_dir: str | Path, on_figure: FigureHook | None = None) -> list[Path]:
+    """Write the arrays (.npy, summary.json) and the plots (.png); returns the files written.
+
+    ``on_figure(name, fig)`` sees every plot (``name`` = its file stem) before it is closed.
+    """
     import matplotlib  # heavy, and only for plots: imported when plots are written
 
     matplotlib.use("Agg")
@@ -163,6 +353,8 @@ def write_analysis(res: AnalysisResult, out_dir: str | Path) -> list[Path]:
     def save_fig(fig, name: str) -> None:
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
+        if on_figure is not None:
+            on_figure(Path(name).stem, fig)
         plt.close(fig)
         files.append(out / name)
 

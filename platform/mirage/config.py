@@ -99,6 +99,13 @@ class SynthConfig(Section):
         8.0, gt=0, description="Longest segment over which a planted stimulus property stays constant (s)."
     )
     seed: int = Field(0, description="Seed of everything random in the synthetic dataset.")
+    planted_network: Literal["", "Vis", "SomMot", "DorsAttn", "SalVentAttn", "Limbic", "Cont", "Default"] = Field(
+        "", description="Yeo-7 network (Vis, SomMot, DorsAttn, SalVentAttn, Limbic, Cont, Default) whose parcels "
+        "alone carry the planted signal (planted_fraction of them); empty = planted parcels drawn from all parcels."
+    )
+    atlas_voxel_mm: float = Field(
+        4.0, gt=0, description="Voxel size (mm) of the synthetic Schaefer-like atlas written for every subject."
+    )
 
 
 class DataConfig(Section):
@@ -133,6 +140,13 @@ class DataConfig(Section):
         False,
         description="The dataset is the platform's synthetic one: a local sweep writes it to data.root when "
         "missing. False: a missing or empty data.root is an error (point it to the release).",
+    )
+    noise_ceiling: str = Field(
+        "", description="Per-parcel noise ceiling file (.npy array of n_parcels, or .tsv with n_parcels values, one "
+        "per line); empty = the synthetic truth's, else split-half from repeated runs, else none (mirage.brain.ceiling)."
+    )
+    noise_ceiling_min: float = Field(
+        0.1, ge=0, le=1, description="Parcels whose noise ceiling is below this get no ceiling-normalised r (NaN)."
     )
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic dataset parameters.")
 
@@ -224,6 +238,19 @@ class FeaturesConfig(Section):
         "forward (the same features within float tolerance)."
     )
     torch_threads: int = Field(0, ge=0, description="CPU threads of torch per extraction process; 0 = torch default.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each extraction actor requests (e.g. {gpu_group: 1}), so actors land on "
+        "the worker group that offers them.",
+    )
+    assemble_cpus: float = Field(
+        1.0, gt=0, description="Logical CPUs of the Ray task that joins a stimulus's spans into its stored array "
+        "(it runs on a worker: a head offering no CPUs never takes it)."
+    )
+    lease_seconds: float = Field(
+        60.0, gt=0, description="Lease of the store's single writer (a file on the shared volume, renewed every "
+        "third of this); a writer that died leaves a lease another may take over once it has expired."
+    )
     tiny: TinyBackboneConfig = Field(default_factory=TinyBackboneConfig, description="The tiny backbone.")
 
 
@@ -244,6 +271,20 @@ class ModelConfig(Section):
         "that a saved model never changes meaning.",
     )
     layers: list[int] | None = Field(None, description="Backbone layers fed to the model (indices); None = all.")
+    layer_pool: Literal["cross_attention", "mean", "concat", "self_attention"] = Field(
+        "cross_attention",
+        description="How each modality's layer stack becomes one vector per frame before its projection: "
+        "'cross_attention' (MIRAGE: learned queries attend over the layers; reference layer_cross_attn), 'mean' "
+        "(all-layers mean; reference mean), 'concat' (layers concatenated; reference cat), 'self_attention' (one "
+        "pre-norm transformer layer over the layer tokens, the deepest model.self_attention_tokens outputs kept; "
+        "reference layer_self_attn). Layer attention exists only for 'cross_attention'.",
+    )
+    self_attention_tokens: int = Field(
+        1, ge=1, description="layer_pool='self_attention': deepest layer tokens whose outputs are kept (reference: 1)."
+    )
+    self_attention_ff_mult: int = Field(
+        4, ge=1, description="layer_pool='self_attention': feed-forward expansion of the layer transformer (reference: 4)."
+    )
     n_queries: int = Field(24, ge=1, description="Learned latent queries per modality.")
     pooler_heads: int = Field(4, ge=1, description="Heads of the layer cross-attention.")
     pooler_dropout: float = Field(0.2, ge=0, lt=1, description="Attention dropout of the layer cross-attention.")
@@ -348,6 +389,11 @@ class TrainConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (FSDP2 ranks).")
     use_gpu: bool = Field(True, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, ge=0, description="Logical CPUs per Train worker.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each Train worker requests (e.g. {train_group: 1}), so workers land on "
+        "the worker group that offers them; a direct sweep trial, its own worker, requests them too.",
+    )
     max_failures: int = Field(2, ge=0, description="Worker failures tolerated before the run fails.")
     name: str = Field("", description="Run name (storage folder); empty = derived from the config hash.")
     storage: str = Field("", description="Ray Train/Tune storage path; empty = <outputs>/ray_results.")
@@ -401,7 +447,8 @@ class SweepConfig(Section):
     n_startup_trials: int = Field(10, ge=1, description="TPE random trials before modelling.")
     driver_cpus: float = Field(
         1.0, ge=0, description="Logical CPUs of each trainer trial's driver (its Train workers request their own; "
-        "a direct trial reserves its worker's train.cpus_per_worker instead)."
+        "a direct trial reserves its worker's train.cpus_per_worker instead). Above 0, the driver never runs on a "
+        "head that offers no CPUs (KubeRay's num-cpus: 0)."
     )
     trial_runner: Literal["auto", "direct", "trainer"] = Field(
         "auto",
@@ -452,6 +499,13 @@ class TrackingConfig(Section):
 
     uri: str = Field("", description="Tracking URI; empty = sqlite:///<outputs>/mlflow.db (absolute).")
     experiment: str = Field("mirage", description="MLflow experiment name.")
+    system_metrics: bool = Field(
+        True, description="Log system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU) on "
+        "every training run, sampled by MLflow's monitor in the process that opened the run."
+    )
+    system_metrics_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between system metric samples (each sample is logged as one step)."
+    )
 
 
 class RayConfig(Section):
@@ -686,7 +740,20 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _is_open_mapping(path: list[str]) -> bool:
-    return path == ["sweep", "space"]
+    """Whether the field at ``path`` is a mapping with free keys (``sweep.space``, ``train.worker_resources``),
+    not a section."""
+    model: type[BaseModel] = Config
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if get_origin(ann) is dict:
+            return i == len(path) - 1
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return False
+        model = ann
+    return False
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "", source: str = "") -> dict[str, Any]:
@@ -695,7 +762,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "", source: 
         key = f"{where}{k}"
         if k not in out and not _is_open_mapping(where.rstrip(".").split(".") if where else []):
             raise ConfigError(f"unknown config key {key!r}, in {source or 'config'}{_did_you_mean(key)}")
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and key != "sweep.space":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not _is_open_mapping(key.split(".")):
             out[k] = _merge(out[k], v, key + ".", source)
         else:
             out[k] = v

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mirage.commands import config, data, extract, serve, sweep, train, video
+from mirage.commands import config, data, experiment, extract, serve, sweep, train, video
 from mirage.config import Config
 
 Handler = Callable[[Config, argparse.Namespace], int]
@@ -50,6 +50,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("score", serve.add_score_args, serve.score),
     Command("sweep", sweep.add_sweep_args, sweep.sweep),
     Command("ensemble", sweep.add_ensemble_args, sweep.ensemble),
+    Command("experiment run", experiment.add_run_args, experiment.run),
+    Command("experiment report", experiment.add_report_args, experiment.report),
+    Command("experiment list", experiment.add_list_args, experiment.list_experiments),
     Command("train", train.add_train_args, train.train),
     Command("baseline", train.add_baseline_args, train.baseline),
     Command("predict-video", video.add_args, video.predict_video_cmd),

@@ -14,6 +14,10 @@ Length reconciliation (``mirage.data.fmri.reconcile_lengths``): the fMRI run is
 the reference and keeps all its rows; the stimulus spans ceil(duration / TR)
 TRs; a difference up to ``data.max_length_mismatch_trs`` is accepted and
 reported under ``lengths``, a larger one is an error.
+
+Atlas: where a subject has ``fmri/<sub>/atlas/<sub>_..._desc-dseg_parcellation.nii.gz``, it must be a
+readable 3-D NIfTI whose labels are whole numbers, exactly 1..``data.n_parcels`` plus 0 background
+(``mirage.brain.atlas.validate_atlas``). A subject without one gets a note (no brain maps).
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def check_dataset(
     with _progress(progress) as bar:
         durations = _check_stimuli(release, cfg, rep, bar, media_tolerance_s)
         _check_fmri(release, cfg, rep, bar)
+    _check_atlases(release, cfg, rep)
     _check_lengths(release, cfg, rep, durations)
     _check_targets(release, cfg, rep, durations)
     _check_splits(release, cfg, rep)
@@ -175,6 +180,29 @@ def _check_h5_keys(f: h5py.File, path: Path, cfg: DataConfig, rep: _Report, entr
         if bad.any():
             r, c = np.nonzero(bad)
             rep.error(f"{where}: {int(bad.sum())} NaN/inf values (first at TR {r[0]}, parcel {c[0]}); expected finite values")
+
+
+def _check_atlases(release: Release, cfg: DataConfig, rep: _Report) -> None:
+    from mirage.brain.atlas import atlas_path, validate_atlas
+
+    fmri = release.root / "fmri"
+    subjects = sorted(p.name for p in fmri.iterdir() if p.is_dir() and p.name.startswith("sub-"))
+    lacking = []
+    for sub in subjects:
+        path = atlas_path(release.root, sub)
+        if not (path.exists() or path.is_symlink()):
+            lacking.append(sub)
+            continue
+        entry = rep.d["subjects"].setdefault(sub, {"runs": {}, "files": [], "dtypes": [], "target_samples": {}})
+        try:
+            img = validate_atlas(path, cfg.n_parcels)
+        except DataError as e:
+            rep.error(str(e))
+            continue
+        entry["atlas"] = {"file": path.name, "shape": [int(x) for x in img.shape[:3]],
+                          "voxel_mm": [round(float(x), 3) for x in img.header.get_zooms()[:3]]}
+    if lacking:
+        rep.d["notes"].append(f"no atlas (fmri/<sub>/atlas/) for {', '.join(lacking)}: brain maps need one")
 
 
 # --------------------------------------------------------------- stimuli

@@ -10,6 +10,7 @@ Layout under the dataset root::
     fmri/sub-01/func/sub-01_task-friends_space-..._desc-s123456_bold.h5   keys ses-003_task-s01e01a
     fmri/sub-01/func/sub-01_task-movie10_space-..._bold.h5               keys ses-001_task-life01_run-1
     fmri/sub-01/target_sample_number/sub-01_{friends-s7,ood}_fmri_samples.npy
+    fmri/sub-01/atlas/sub-01_space-..._desc-dseg_parcellation.nii.gz      Schaefer labels 1..1000 (MNI)
     stimuli/movies/friends/s1/friends_s01e01a.mkv
     stimuli/movies/movie10/life/life01.mkv
     stimuli/movies/ood/chaplin/task-chaplin1_video.mkv
@@ -18,7 +19,7 @@ Layout under the dataset root::
     stimuli/transcripts/ood/pulpfiction/ood_pulpfiction1.tsv
 
 A release fetched with DataLad (git-annex) keeps every file whose content was not fetched as a
-symlink to a missing object. Such a movie, transcript, fMRI or target file is never skipped:
+symlink to a missing object. Such a movie, transcript, fMRI, target or atlas file is never skipped:
 reading it raises a DataError naming the files and the command that fetches them.
 """
 
@@ -354,9 +355,9 @@ class Release:
         return found
 
     def unfetched(self) -> list[Path]:
-        """Every movie, transcript, fMRI and target file of the layout that is a broken symlink."""
+        """Every movie, transcript, fMRI, target and atlas file of the layout that is a broken symlink."""
         patterns = ("stimuli/movies/*/*/*.mkv", "stimuli/transcripts/*/*/*.tsv", "fmri/sub-*/func/*_bold.h5",
-                    "fmri/sub-*/target_sample_number/*.npy")
+                    "fmri/sub-*/target_sample_number/*.npy", "fmri/sub-*/atlas/*.nii.gz")
         return sorted(p for pat in patterns for p in broken_links(self.root.glob(pat)))
 
     def stimulus(self, stimulus_id: str, source: str | None = None) -> Stimulus:

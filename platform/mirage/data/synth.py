@@ -7,7 +7,9 @@ segments of ``segment_min_s`` to ``segment_max_s`` seconds, drawn independently:
 - audio: loudness (level in [0, 1], amplitude 0.02 * 10 ** (1.4 * level) of a two-tone sound);
 - text: word rate (words per second, 0 to 3; words go into the transcript).
 
-Each planted parcel is driven by one modality: its clean signal is the property,
+Planted parcels are ``planted_fraction`` of all parcels, or of one Yeo-7 network's parcels when
+``planted_network`` is set (networks as in ``mirage.brain.networks``). Each planted parcel is
+driven by one modality: its clean signal is the property,
 convolved with the canonical HRF and sampled at the middle of each TR, times a
 subject-specific weight (random sign, magnitude 0.5-1.5). Gaussian noise is added
 at a per-parcel SNR (signal variance / noise variance, log-uniform within a factor
@@ -15,9 +17,13 @@ at a per-parcel SNR (signal variance / noise variance, log-uniform within a fact
 would. The other parcels are noise. The noise ceiling of a parcel, the largest
 correlation a prediction can reach with its fMRI, is sqrt(snr / (1 + snr)).
 
+Every subject gets the release's atlas file, ``fmri/<sub>/atlas/<sub>_..._desc-dseg_parcellation.nii.gz``:
+a small synthetic Schaefer-like parcellation (``mirage.brain.atlas.synthetic_atlas``, labels
+1..parcels on an ``atlas_voxel_mm`` MNI grid, Yeo-7 networks in posterior-to-anterior bands).
+
 The ground truth is written to ``<out>/_truth/`` (outside the release layout):
-``truth.json`` (per-parcel modality, SNR and noise ceiling, runs, stimuli,
-missing runs) and ``truth.npz`` (the same per-parcel arrays, subject weights,
+``truth.json`` (per-parcel modality, network, SNR and noise ceiling, the planted network, runs,
+stimuli, missing runs) and ``truth.npz`` (the same per-parcel arrays, subject weights,
 the per-TR stimulus properties ``property/<stimulus>`` (n_trs, 3), and per run
 ``bold/<subject>/<key>`` (exactly what the h5 holds) and ``signal/<subject>/<key>``
 (its noise-free part), each (n_trs, n_parcels) float32).
@@ -40,6 +46,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mirage.brain.atlas import atlas_path, synthetic_atlas
+from mirage.brain.networks import parcel_networks
 from mirage.config import MODALITIES, SUBJECTS, SynthConfig
 from mirage.data.fmri import stimulus_trs
 from mirage.data.hrf import convolve_hrf
@@ -166,9 +174,14 @@ def _responses(props: dict[str, _Props], seconds: float, tr: float, n_trs: int) 
 
 def _parcel_truth(cfg: SynthConfig) -> dict[str, np.ndarray]:
     rng = _rng(cfg.seed, "parcels")
-    n_planted = int(round(cfg.planted_fraction * cfg.parcels))
     modality = np.full(cfg.parcels, -1, dtype=np.int64)
-    modality[rng.permutation(cfg.parcels)[:n_planted]] = np.arange(n_planted) % 3
+    if cfg.planted_network:
+        pool = np.flatnonzero(parcel_networks(cfg.parcels) == cfg.planted_network)
+        n_planted = int(round(cfg.planted_fraction * len(pool)))
+        modality[rng.permutation(pool)[:n_planted]] = np.arange(n_planted) % 3
+    else:
+        n_planted = int(round(cfg.planted_fraction * cfg.parcels))
+        modality[rng.permutation(cfg.parcels)[:n_planted]] = np.arange(n_planted) % 3
     snr = np.where(modality >= 0, cfg.snr * 2.0 ** rng.uniform(-1, 1, cfg.parcels), 0.0)
     ceiling = np.sqrt(snr / (1 + snr))
     n_sub = len(SUBJECTS)
@@ -270,6 +283,11 @@ def _write_all(root: Path, cfg: SynthConfig, tr: float, progress: bool) -> None:
                                             responses, n_stim, arrays)
             if bar:
                 bar.advance(task)
+    atlas = synthetic_atlas(cfg.parcels, cfg.seed, cfg.atlas_voxel_mm)
+    for sub in SUBJECTS:
+        path = atlas_path(root, sub)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atlas.to_filename(path)
     truth = root / "_truth"
     truth.mkdir()
     np.savez_compressed(truth / "truth.npz", **arrays)
@@ -277,6 +295,8 @@ def _write_all(root: Path, cfg: SynthConfig, tr: float, progress: bool) -> None:
     (truth / "truth.json").write_text(json.dumps({
         "tr": tr, "seed": cfg.seed, "snr": cfg.snr, "n_parcels": cfg.parcels, "subjects": list(SUBJECTS),
         "modality": [names[m + 1] for m in parcels["modality"]],
+        "planted_network": cfg.planted_network,
+        "network": [str(n) for n in parcel_networks(cfg.parcels)],
         "snr_per_parcel": [float(x) for x in parcels["snr"]],
         "noise_ceiling": [float(x) for x in parcels["noise_ceiling"]],
         "properties": {"vision": "frame brightness", "audio": "loudness (log amplitude)", "text": "word rate (words/s)"},

@@ -67,6 +67,7 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
         return
     use_local_auth(cfg)
     ray.init(
+        address="local",  # a new Ray, never one a `ray start` on this machine left in /tmp/ray
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
         dashboard_host="127.0.0.1",

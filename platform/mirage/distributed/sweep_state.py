@@ -7,7 +7,7 @@ hash, and, once the sweep ran to the end, the trial summary. It is replaced atom
 Defining config: every setting of the resolved config except those that say where things go or
 how fast they run, which a resume may change freely (:data:`NOT_DEFINING`): output and storage
 paths, tracking, Ray, Serve and ensemble settings, the feature store's location and extraction
-throughput, Train worker count and CPUs, retries, loader threads, the sweep's concurrency, driver CPUs
+throughput, Train worker count, CPUs and custom resources, retries, loader threads, the sweep's concurrency, driver CPUs
 and trial runner, and whether a missing dataset may be generated (``data.synthetic``). ``sweep.space`` enters entry by entry (``sweep.space.<key>``). Resuming a sweep, or
 reading a finished one, with another defining config is refused, naming each differing key.
 """
@@ -27,11 +27,11 @@ from mirage.errors import MirageError
 NOT_DEFINING = (
     "outputs", "tracking", "ray", "serve", "ensemble",
     "train.name", "train.storage", "train.max_failures", "train.loader_threads", "train.num_workers",
-    "train.cpus_per_worker", "train.baseline",
+    "train.cpus_per_worker", "train.worker_resources", "train.baseline",
     "sweep.name", "sweep.max_concurrent", "sweep.driver_cpus", "sweep.trial_runner", "data.synthetic",
     "features.store", "features.local_files_only", "features.actors", "features.gpus_per_actor",
     "features.cpus_per_actor", "features.batch_size", "features.cutoffs_per_item", "features.pass_batch",
-    "features.torch_threads",
+    "features.torch_threads", "features.resources",
 )
 """Dotted keys (and the sections under them) that a resumed sweep may change."""
 

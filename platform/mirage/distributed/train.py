@@ -46,7 +46,8 @@ MLFLOW_RUN_FILE = "mlflow_run.json"
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 """Result key naming an epoch's checkpoint folder (the key ``TuneReportCallback`` uses)."""
 _NOT_IN_RUN_NAME = (  # where a run goes and what runs after it; none of these change the trained model
-    "train.name", "train.storage", "train.max_failures", "train.loader_threads", "train.baseline.",
+    "train.name", "train.storage", "train.max_failures", "train.loader_threads", "train.worker_resources",
+    "train.baseline.",
     "tracking.", "ray.", "outputs", "serve.", "sweep.", "ensemble.",
 )
 
@@ -244,7 +245,9 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
+            resources_per_worker={
+                "CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {}), **tc.worker_resources
+            },
         ),
         run_config=RunConfig(
             name=name,
@@ -366,16 +369,19 @@ def tracked_training(cfg: Config, name: str, *, kind: str, tracking_parent: str 
     with trk.tracked_run(cfg, kind, name, parent_run_id=tracking_parent, tags=tags, run_id=previous) as run_id:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": run_id, "uri": cfg.tracking.uri}))
+        if run_id != previous:  # a resumed run logged its inputs when it was opened
+            trk.log_dataset_inputs(cfg, run_id)
         yield {"uri": cfg.tracking.uri, "run_id": run_id}
 
 
 def log_outputs(cfg: Config, out: TrainResult) -> None:
-    """Log a finished run's exported model (``model``), per-parcel validation r (``validation``) and best score."""
+    """Log a finished run's exported model as its MLflow model ``model`` (``runs:/<run_id>/model``), per-parcel
+    validation r (``validation``) and best score."""
     from mirage import tracking as trk
 
     uri, run_id = cfg.tracking.uri, out.mlflow_run_id
     if out.model_dir:
-        trk.log_artifacts(uri, run_id, out.model_dir, "model")
+        trk.log_trained_model(uri, run_id, out.model_dir)
     if out.val_r_path:
         trk.log_artifacts(uri, run_id, out.val_r_path, "validation")
     trk.log_metrics(uri, run_id, {"best_val_r": out.best_val_r, "best_epoch": out.best_epoch}, step=0)

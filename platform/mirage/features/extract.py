@@ -3,16 +3,22 @@
 A stimulus is planned once (:func:`plan_stimulus`: its passes and each modality's frame count);
 a work item is a span of its passes. :class:`Extractor` runs a span and returns its
 :class:`ItemFeatures` (audio and vision frames, word vectors with their text frames), which any
-sink (the store's :class:`~mirage.features.store.PartialWrite`, or :class:`FeatureArrays` in
+sink (the store's :class:`~mirage.features.store.ArrayBuilder`, or :class:`FeatureArrays` in
 memory) assembles: media frames are set, word vectors are added into their text frames.
-``extract_all`` runs every missing stimulus in this process and writes the store;
-``mirage.distributed.extract`` runs the same items on a Ray Data actor pool.
+``extract_all`` runs every missing stimulus in this process: each work item's features become a
+span file in the store (:mod:`mirage.features.spans`), the spans are joined and the stimulus is
+committed (:func:`commit_spans`); spans left by an interrupted run are reused.
+``mirage.distributed.extract`` runs the same items on a Ray Data actor pool with the same span
+files and commit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,7 +30,7 @@ import numpy as np
 from mirage.config import MODALITIES, MODALITY_AXIS, Config, FeaturesConfig
 from mirage.data.layout import Release
 from mirage.data.media import MediaReader
-from mirage.errors import DataError, MirageError
+from mirage.errors import DataError, FeatureStoreError, MirageError
 from mirage.features.backbone import load_backbone
 from mirage.features.inputs import (
     Pass,
@@ -40,7 +46,8 @@ from mirage.features.inputs import (
 )
 from mirage.features.interface import Backbone
 from mirage.features.readout import PassRunner
-from mirage.features.store import StoreWriter
+from mirage.features.spans import Assembled, SpanMeta, assemble, existing_spans, write_span
+from mirage.features.store import StoreWriter, file_sha256, library_versions, remove_spans
 from mirage.progress import tracked
 
 log = logging.getLogger(__name__)
@@ -119,6 +126,23 @@ def plan_items(stimulus_id: str, video: str, transcript: str | None, cfg: Featur
     return plan, [WorkItem(stimulus_id, video, transcript, s, min(s + step, n), n) for s in range(0, n, step)]
 
 
+def span_key(plan: StimulusPlan, transcript: str | None, cfg: FeaturesConfig,
+             libraries: dict[str, str] | None = None) -> str:
+    """16 hex naming the spans of one plan of a stimulus (:func:`mirage.features.spans.span_folder`):
+    a hash of the movie file (size, modification time), the transcript's bytes, the pass plan, the
+    span split and pass batching, and the library versions (``libraries``: computed when None)."""
+    st = os.stat(plan.video)
+    blob = {
+        "video": [st.st_size, st.st_mtime_ns],
+        "transcript": file_sha256(Path(transcript)) if transcript else None,
+        "passes": [[p.cutoff, list(p.words), p.audio_frame, p.vision_frame] for p in plan.passes],
+        "frames": plan.frames, "audio_samples": plan.audio_samples,
+        "cutoffs_per_item": cfg.cutoffs_per_item, "pass_batch": cfg.pass_batch,
+        "libraries": libraries if libraries is not None else library_versions(),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # ------------------------------------------------------------------ results
 
 
@@ -152,35 +176,17 @@ class ItemFeatures:
         for s, e, v in self.text:
             sink.add(MODALITY_AXIS["text"], s, e, v)
 
-    def to_row(self) -> dict:
-        """Plain lists and bytes (a Ray Data row)."""
-        def pack(vs: list[np.ndarray]) -> bytes:
-            return np.stack(vs).astype(np.float32).tobytes() if vs else b""
+    def to_arrays(self, n_layers: int, dim: int) -> dict[str, np.ndarray]:
+        """The span file's arrays (:data:`mirage.features.spans.ARRAYS`), vectors float32."""
+        def stack(vs: list[np.ndarray]) -> np.ndarray:
+            return np.stack(vs).astype(np.float32) if vs else np.zeros((0, n_layers, dim), np.float32)
 
-        shapes = [v.shape for v in (*self.vision.values(), *self.audio.values(), *(t[2] for t in self.text))]
         return {
-            "dims": list(shapes[0]) if shapes else [0, 0],
-            "vision_frames": list(self.vision), "vision": pack(list(self.vision.values())),
-            "audio_frames": list(self.audio), "audio": pack(list(self.audio.values())),
-            "text_bins": [x for s, e, _ in self.text for x in (s, e)], "text": pack([t[2] for t in self.text]),
+            "vision_frames": np.asarray(list(self.vision), np.int64), "vision": stack(list(self.vision.values())),
+            "audio_frames": np.asarray(list(self.audio), np.int64), "audio": stack(list(self.audio.values())),
+            "text_bins": np.asarray([(s, e) for s, e, _ in self.text], np.int64).reshape(-1, 2),
+            "text": stack([t[2] for t in self.text]),
         }
-
-    @classmethod
-    def from_row(cls, row: dict) -> "ItemFeatures":
-        """Inverse of :meth:`to_row`."""
-        dims = tuple(int(x) for x in row["dims"])
-
-        def unpack(b: bytes, n: int) -> np.ndarray:
-            return np.frombuffer(b, np.float32).reshape(n, *dims) if n else np.zeros((0, *dims), np.float32)
-
-        vf = [int(x) for x in row["vision_frames"]]
-        af = [int(x) for x in row["audio_frames"]]
-        bins = [int(x) for x in row["text_bins"]]
-        vis, aud, txt = unpack(row["vision"], len(vf)), unpack(row["audio"], len(af)), unpack(row["text"], len(bins) // 2)
-        return cls(
-            vision=dict(zip(vf, vis)), audio=dict(zip(af, aud)),
-            text=[(bins[2 * i], bins[2 * i + 1], txt[i]) for i in range(len(txt))],
-        )
 
 
 class FeatureArrays:
@@ -209,6 +215,17 @@ class ExtractResult:
     seconds: float = 0.0
     first_result_s: float | None = None
     """Seconds from the start of the run until the first work item came back (pipeline start-up)."""
+    spans_computed: int = 0
+    """Work items whose features were computed in this run."""
+    spans_reused: int = 0
+    """Work items whose span an earlier, interrupted run had left verified on disk."""
+    driver_rows: int = 0
+    """Result rows the Ray runner's driver received (0 in-process)."""
+    driver_bytes: int = 0
+    """Bytes of those rows (pickled size): what crossed into the driver."""
+    span_bytes: int = 0
+    """Bytes of the span files computed in this run: the float32 feature payload the work items produced
+    (what a runner that returned features to its driver would have moved through it)."""
 
     @property
     def ok(self) -> bool:
@@ -371,25 +388,62 @@ def extract_all(
     return result
 
 
+def commit_spans(writer: StoreWriter, assembled: Assembled) -> Path:
+    """Commit a stimulus whose spans :func:`~mirage.features.spans.assemble` joined (here or on a
+    worker) and drop its spans; a join that failed raises FeatureStoreError and commits nothing."""
+    sid = assembled.stimulus_id
+    if assembled.bad:
+        raise FeatureStoreError(
+            f"{writer.root}: spans {[m.rel for m in assembled.bad]} of {sid} are corrupt; expected their checksums"
+        )
+    if assembled.built is None:
+        raise FeatureStoreError(assembled.error or f"{sid}: nothing was assembled")
+    path = writer.commit_built(assembled.built)
+    remove_spans(writer.root, sid)
+    return path
+
+
+def _store_stimulus(writer: StoreWriter, extractor: Extractor, sid: str, plan: StimulusPlan, items: list[WorkItem],
+                    key: str, result: ExtractResult) -> None:
+    """Compute the spans of a stimulus not on disk yet, join them and commit; a corrupt span is computed again."""
+    root, bb = writer.root, extractor.backbone
+
+    def compute(it: WorkItem) -> SpanMeta:
+        arrays = extractor.extract_passes(plan, it.start, it.stop).to_arrays(bb.n_layers, bb.dim)
+        meta = write_span(root, sid, key, it.start, it.stop, arrays)
+        result.spans_computed += 1
+        result.span_bytes += meta.bytes
+        return meta
+
+    have = existing_spans(root, sid, key)
+    result.spans_reused += sum((it.start, it.stop) in have for it in items)
+    spans = [have.get((it.start, it.stop)) or compute(it) for it in items]
+    assembled = assemble(root, sid, plan.n_frames, plan.frames, spans)
+    if assembled.bad:
+        redo = {(m.start, m.stop) for m in assembled.bad}
+        result.spans_reused -= len(redo)
+        spans = [compute(it) if (it.start, it.stop) in redo else m for it, m in zip(items, spans)]
+        assembled = assemble(root, sid, plan.n_frames, plan.frames, spans)
+    commit_spans(writer, assembled)
+
+
 def _extract_missing(cfg: Config, writer: StoreWriter, stimuli, overwrite: bool, extractor,
                      progress: bool = False) -> ExtractResult:
     result = ExtractResult(store=writer.root)
+    libraries = library_versions()
     for sid, (video, transcript) in tracked(stimuli_of(cfg, stimuli).items(), "extract", progress, name=lambda i: i[0]):
         if not overwrite and writer.has(sid):  # overwrite: the old features stay until the new ones commit
             result.skipped.append(sid)
             continue
-        part = None
         try:
             plan, items = plan_items(sid, video, transcript, cfg.features)
             extractor = extractor or Extractor(cfg.features)
-            bb = extractor.backbone
-            part = writer.begin(sid, (plan.n_frames, len(MODALITIES), bb.n_layers, bb.dim), plan.frames)
-            for it in items:
-                extractor.extract_passes(plan, it.start, it.stop).write(part)
-            part.commit()
+            _store_stimulus(writer, extractor, sid, plan, items, span_key(plan, transcript, cfg.features, libraries),
+                            result)
         except Exception as e:  # this stimulus fails alone; the message names its file
-            if part is not None:
-                part.abort()
+            if not writer.lease_held:
+                raise  # another writer owns the store now: its spans are not ours to remove
+            remove_spans(writer.root, sid)
             msg = str(e) if isinstance(e, MirageError) else f"{video}: {type(e).__name__}: {e}"
             log.error("stimulus %s failed: %s", sid, msg)
             result.failed[sid] = msg

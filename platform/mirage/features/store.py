@@ -20,16 +20,27 @@ Recomputing a stored stimulus (``--overwrite``) replaces it at commit: its old a
 until the new one is complete, then the rename swaps it in. The manifest names the swap under
 ``replacing`` before the rename and records the new entry after it, so a writer opened after a crash
 between the two steps settles the entry from the file's checksum.
-A writer that records no stimulus removes the manifest, lock and directories it created.
+A writer that records no stimulus removes the manifest, lease and directories it created.
+
+One writer at a time: a :class:`~mirage.features.lease.Lease` on ``<key>/.lease`` (a file, so it
+holds across the nodes sharing the volume), renewed while the writer is open; a writer that lost
+it commits nothing more. Extraction runners write spans of a stimulus under ``<key>/.spans``
+(:mod:`mirage.features.spans`) from any node; an :class:`ArrayBuilder` joins them into
+``<id>.npy.tmp-<token>`` wherever it runs, and the writer renames that into place and records it
+(:meth:`StoreWriter.commit_built`), reading no feature bytes itself.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import socket
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +51,9 @@ from mirage.config import MODALITIES, FeaturesConfig
 from mirage.documents import read_mapping
 from mirage.errors import FeatureStoreError
 from mirage.features.backbone import BACKBONES
+from mirage.features.lease import Lease
+
+SPANS = ".spans"
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -257,8 +271,9 @@ class FeatureStore:
 class StoreWriter:
     """The single writer of a store directory: creates the manifest and adds arrays atomically.
 
-    Holds an exclusive lock on ``<store>/.lock`` until closed (or until its process ends), so two
-    extraction jobs never write one store at once.
+    Holds the store's lease (``<store>/.lease``, ``cfg.lease_seconds``, renewed in the background)
+    until closed or dropped, so two extraction jobs, on one node or several, never write one store
+    at once; a writer whose lease was taken over refuses to commit.
     """
 
     def __init__(self, cfg: FeaturesConfig):
@@ -268,22 +283,22 @@ class StoreWriter:
         self._made_manifest = False
         self._open_parts: dict[int, PartialWrite] = {}  # begun, neither committed nor aborted
         self.root.mkdir(parents=True, exist_ok=True)
-        self._made_lock = not (self.root / ".lock").exists()
-        self._lock = open(self.root / ".lock", "a+")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            raise FeatureStoreError(
-                f"{self.root}: another extraction is writing this store; expected one writer at a time"
-            ) from None
+            self._lease: Lease | None = Lease(
+                self.root, cfg.lease_seconds, f"{self.root}: another extraction is writing this store",
+                FeatureStoreError,
+            )
+        except BaseException:
+            self._lease = None
+            self._remove_made_dirs()
+            raise
         try:
             self._open_manifest(cfg)
             self._settle_replacements()
         except BaseException:
             self.close()
             raise
-        for tmp in self.root.glob("*.tmp-*"):  # partial files of an interrupted run
+        for tmp in (*self.root.glob("*.tmp-*"), *self.root.glob(f"{SPANS}/*/*/*.tmp-*")):  # an interrupted run's
             tmp.unlink(missing_ok=True)
 
     def _open_manifest(self, cfg: FeaturesConfig) -> None:
@@ -327,24 +342,41 @@ class StoreWriter:
         _write_json_atomic(self.root / MANIFEST, self.manifest)
 
     def close(self) -> None:
-        """Drop unfinished partial writes and release the store's lock; a store this writer created
+        """Drop unfinished partial writes and release the store's lease; a store this writer created
         and left empty is removed."""
-        if self._lock.closed:
+        if self._lease is None or self._lease.released:
             return
         for part in list(self._open_parts.values()):
             part.abort()
+        if not self._lease.held:  # another writer owns the store now: leave its files alone
+            self._lease.release()
+            return
+        with contextlib.suppress(OSError):
+            (self.root / SPANS).rmdir()  # only while no span is kept for a resume
         if self._made_manifest and not self.manifest["stimuli"]:
             (self.root / MANIFEST).unlink(missing_ok=True)
-            if self._made_lock:
-                (self.root / ".lock").unlink(missing_ok=True)
-            self._lock.close()
-            for d in self._made_dirs:
-                try:
-                    d.rmdir()  # only while empty
-                except OSError:
-                    break
+            self._lease.release()
+            self._remove_made_dirs()
             return
-        self._lock.close()
+        self._lease.release()
+
+    def _remove_made_dirs(self) -> None:
+        for d in self._made_dirs:
+            try:
+                d.rmdir()  # only while empty
+            except OSError:
+                break
+
+    @property
+    def lease_held(self) -> bool:
+        """This writer is open and has not lost the store's lease."""
+        return self._lease is not None and self._lease.held
+
+    def check_lease(self) -> None:
+        """Raise FeatureStoreError unless this writer still holds the store's lease."""
+        if self._lease is None:
+            raise FeatureStoreError(f"{self.root}: the writer holds no lease; expected an open writer")
+        self._lease.check()
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -379,29 +411,47 @@ class StoreWriter:
 
         ``frames``: each modality's own frame count, at most ``shape[0]`` (default: all ``shape[0]``).
         """
-        shape = tuple(int(x) for x in shape)
-        if len(shape) != 4 or shape[1] != len(MODALITIES):
-            raise FeatureStoreError(f"{stimulus_id}: features of shape {shape}, expected (n_frames, 3, n_layers, dim)")
-        frames = {m: int((frames or {}).get(m, shape[0])) for m in MODALITIES}
-        if any(not 0 <= v <= shape[0] for v in frames.values()) or (shape[0] and max(frames.values()) != shape[0]):
-            raise FeatureStoreError(
-                f"{stimulus_id}: modality frame counts {frames}, expected each in [0, {shape[0]}] and the largest {shape[0]}"
-            )
-        for name, value in (("n_layers", shape[2]), ("dim", shape[3])):
-            known = self.manifest.get(name)
-            if known is not None and known != value:
-                raise FeatureStoreError(f"{stimulus_id}: {name}={value}, but the store at {self.root} has {known}")
+        shape, frames = check_layout(stimulus_id, shape, frames)
+        self._check_dims(stimulus_id, shape)
         part = PartialWrite(self, stimulus_id, shape, frames)
         self._open_parts[id(part)] = part
         return part
 
-    def _swap_in(self, stimulus_id: str, tmp: Path, shape: tuple[int, ...], frames: dict[str, int]) -> Path:
+    def _check_dims(self, stimulus_id: str, shape: tuple[int, ...]) -> None:
+        for name, value in (("n_layers", shape[2]), ("dim", shape[3])):
+            known = self.manifest.get(name)
+            if known is not None and known != value:
+                raise FeatureStoreError(f"{stimulus_id}: {name}={value}, but the store at {self.root} has {known}")
+
+    def commit_built(self, built: "Built") -> Path:
+        """Rename an array an :class:`ArrayBuilder` finished (here or on another node) into place and
+        record it; its checksum comes from the builder, so no feature byte is read here."""
+        tmp = self.root / built.tmp
+        try:
+            if Path(built.tmp).name != built.tmp or not built.tmp.startswith(f"{built.stimulus_id}.npy.tmp-"):
+                raise FeatureStoreError(f"{built.tmp!r}: expected the file name <id>.npy.tmp-* in the store {self.root}")
+            size = tmp.stat().st_size if tmp.is_file() else None
+            if size != built.bytes:
+                raise FeatureStoreError(
+                    f"{tmp}: {'missing' if size is None else f'{size} bytes'}, the builder wrote {built.bytes}"
+                )
+            self._check_dims(built.stimulus_id, built.shape)
+            return self._swap_in(built.stimulus_id, tmp, built.shape, built.frames, built.sha256)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _swap_in(
+        self, stimulus_id: str, tmp: Path, shape: tuple[int, ...], frames: dict[str, int], sha256: str
+    ) -> Path:
         """Rename the finished ``tmp`` onto the stimulus's file and record it in the manifest.
 
         A stored stimulus stays readable until the rename; its swap is named in the manifest first.
+        Refused when this writer lost the store's lease.
         """
+        self.check_lease()
         path = self.root / f"{stimulus_id}.npy"
-        entry = {"shape": list(shape), "frames": dict(frames), "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size}
+        entry = {"shape": list(shape), "frames": dict(frames), "sha256": sha256, "bytes": tmp.stat().st_size}
         replacing = stimulus_id in self.manifest["stimuli"]
         if replacing:
             self.manifest.setdefault("replacing", {})[stimulus_id] = entry
@@ -417,17 +467,49 @@ class StoreWriter:
         return path
 
 
-class PartialWrite:
-    """A stimulus being written: features gather in a float32 scratch file ``<id>.f32.tmp-<pid>``;
-    ``commit`` casts them to float16 into ``<id>.npy.tmp-<pid>`` and renames that into place (over a
-    stored version of the stimulus, which stays readable until then)."""
+def check_layout(stimulus_id: str, shape, frames: dict[str, int] | None) -> tuple[tuple[int, ...], dict[str, int]]:
+    """(shape, frames) of a stimulus checked: (n_frames, 3, n_layers, dim) and each modality's frame
+    count in [0, n_frames] with the largest n_frames (default: all n_frames)."""
+    shape = tuple(int(x) for x in shape)
+    if len(shape) != 4 or shape[1] != len(MODALITIES):
+        raise FeatureStoreError(f"{stimulus_id}: features of shape {shape}, expected (n_frames, 3, n_layers, dim)")
+    frames = {m: int((frames or {}).get(m, shape[0])) for m in MODALITIES}
+    if any(not 0 <= v <= shape[0] for v in frames.values()) or (shape[0] and max(frames.values()) != shape[0]):
+        raise FeatureStoreError(
+            f"{stimulus_id}: modality frame counts {frames}, expected each in [0, {shape[0]}] and the largest {shape[0]}"
+        )
+    return shape, frames
 
-    def __init__(self, writer: StoreWriter, stimulus_id: str, shape: tuple[int, ...], frames: dict[str, int]):
-        self.writer, self.stimulus_id, self.shape, self.frames = writer, stimulus_id, shape, frames
-        self.path = writer.root / f"{stimulus_id}.npy"
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self.scratch = writer.root / f"{stimulus_id}.f32.tmp-{os.getpid()}"
-        self._arr = np.lib.format.open_memmap(self.scratch, mode="w+", dtype=np.float32, shape=shape)  # zeros
+
+@dataclass(frozen=True)
+class Built:
+    """A finished array waiting to be renamed into place: ``tmp`` (a file name in the store directory)
+    holds float16 ``shape``; its file has ``sha256`` and ``bytes``."""
+
+    stimulus_id: str
+    tmp: str
+    shape: tuple[int, ...]
+    frames: dict[str, int]
+    sha256: str
+    bytes: int
+
+
+class ArrayBuilder:
+    """The array of one stimulus being assembled in ``root`` (the store directory), on any node.
+
+    Features gather in a float32 scratch file ``<id>.f32.tmp-<token>``; :meth:`finish` casts them to
+    float16 into ``<id>.npy.tmp-<token>``, fsyncs it and returns its :class:`Built` (the writer then
+    renames it into place). The token names host, pid and a random part, so builders on several
+    nodes never share a file.
+    """
+
+    def __init__(self, root: str | os.PathLike, stimulus_id: str, shape, frames: dict[str, int] | None = None):
+        self.shape, self.frames = check_layout(stimulus_id, shape, frames)
+        self.root, self.stimulus_id = Path(root), stimulus_id
+        token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.root / f"{stimulus_id}.npy.tmp-{token}"
+        self.scratch = self.root / f"{stimulus_id}.f32.tmp-{token}"
+        self._arr = np.lib.format.open_memmap(self.scratch, mode="w+", dtype=np.float32, shape=self.shape)  # zeros
 
     def put(self, start: int, features: np.ndarray) -> None:
         """Write frames [start, start + len(features)) of every modality; (n, 3, n_layers, dim)."""
@@ -462,8 +544,8 @@ class PartialWrite:
         if not np.isfinite(x).all():
             raise FeatureStoreError(f"{self.stimulus_id}: features hold NaN or inf; not stored")
 
-    def commit(self) -> Path:
-        """Cast to float16, fsync, rename into place, record in the manifest."""
+    def finish(self) -> Built:
+        """Cast to float16 into the temporary array file and fsync it; the scratch file is removed."""
         out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16, shape=self.shape)
         step = max(1, (1 << 26) // max(1, int(np.prod(self.shape[1:]))))  # ~256 MB of float32 per block
         for lo in range(0, self.shape[0], step):
@@ -481,9 +563,8 @@ class PartialWrite:
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
         self._drop_scratch()
-        path = self.writer._swap_in(self.stimulus_id, self.tmp, self.shape, self.frames)
-        self.writer._open_parts.pop(id(self), None)
-        return path
+        return Built(self.stimulus_id, self.tmp.name, self.shape, dict(self.frames), file_sha256(self.tmp),
+                     self.tmp.stat().st_size)
 
     def _drop_scratch(self) -> None:
         self.__dict__.pop("_arr", None)
@@ -493,7 +574,35 @@ class PartialWrite:
         """Drop the temporary files."""
         self._drop_scratch()
         self.tmp.unlink(missing_ok=True)
+
+
+class PartialWrite(ArrayBuilder):
+    """A stimulus being written by this process's :class:`StoreWriter`: an :class:`ArrayBuilder` whose
+    ``commit`` finishes it and renames it into place (over a stored version of the stimulus, which
+    stays readable until then)."""
+
+    def __init__(self, writer: StoreWriter, stimulus_id: str, shape: tuple[int, ...], frames: dict[str, int]):
+        super().__init__(writer.root, stimulus_id, shape, frames)
+        self.writer = writer
+        self.path = writer.root / f"{stimulus_id}.npy"
+
+    def commit(self) -> Path:
+        """Cast to float16, fsync, rename into place, record in the manifest."""
+        try:
+            built = self.finish()
+            return self.writer.commit_built(built)
+        finally:
+            self.writer._open_parts.pop(id(self), None)
+
+    def abort(self) -> None:
+        """Drop the temporary files."""
+        super().abort()
         self.writer._open_parts.pop(id(self), None)
+
+
+def remove_spans(root: str | os.PathLike, stimulus_id: str) -> None:
+    """Drop every span kept for a stimulus (``<root>/.spans/<id>``)."""
+    shutil.rmtree(Path(root) / SPANS / stimulus_id, ignore_errors=True)
 
 
 def _check_modalities(path: Path, manifest: dict[str, Any]) -> None:

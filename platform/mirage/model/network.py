@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mirage.config import FUSION_ORDER, ConfigError, ModelConfig
+from mirage.errors import MirageError
 from mirage.model.encoder import BrainEncoder, EncoderBlock
 from mirage.model.head import SubjectLinear
-from mirage.model.pooler import LayerCrossAttentionPooler
+from mirage.model.pooler import build_layer_pooler
 
 
 def select_layers(features, layers: Sequence[int] | None, axis: int = 1):
@@ -74,18 +75,14 @@ class MirageModel(nn.Module):
         if self.dim % cfg.heads:
             raise ConfigError(f"model.heads={cfg.heads} must divide the fused width {self.dim} (model.hidden_dim)")
         for m in self.modalities:
-            if self.feature_dims[m][1] % cfg.pooler_heads:
+            if cfg.layer_pool in ("cross_attention", "self_attention") and self.feature_dims[m][1] % cfg.pooler_heads:
                 raise ConfigError(
                     f"model.pooler_heads={cfg.pooler_heads} must divide the {m} feature dim {self.feature_dims[m][1]}"
                 )
 
+        self.layer_pool = cfg.layer_pool
         self.layer_poolers = nn.ModuleDict(
-            {
-                m: LayerCrossAttentionPooler(
-                    self.feature_dims[m][1], cfg.n_queries, cfg.pooler_heads, cfg.pooler_dropout, cfg.query_init_std
-                )
-                for m in self.modalities
-            }
+            {m: build_layer_pooler(cfg, self.feature_dims[m][1], self.feature_dims[m][0]) for m in self.modalities}
         )
         self.projectors = nn.ModuleDict(
             {m: nn.Linear(self.layer_poolers[m].out_dim, proj_dim) for m in self.modalities}
@@ -185,7 +182,7 @@ class MirageModel(nn.Module):
         for i, m in enumerate(self.modalities):
             if m not in kept:
                 continue
-            pooled = self.layer_poolers[m](features[m])  # (B, T, Q*D)
+            pooled = self.layer_poolers[m](features[m])  # (B, T, out_dim): Q*D for cross-attention
             projected = self.projectors[m](pooled)  # (B, T, dim/M)
             if trace is not None:
                 trace[f"pooled_{m}"], trace[f"projected_{m}"] = pooled, projected
@@ -249,7 +246,15 @@ class MirageModel(nn.Module):
         """Per-modality attention of the queries over layers: modality -> ``(B, T, heads, Q, n_layers)``.
 
         Call in eval mode (in training the weights include attention dropout).
+
+        Raises:
+            MirageError: the model pools layers otherwise than by cross-attention (``model.layer_pool``).
         """
+        if self.layer_pool != "cross_attention":
+            raise MirageError(
+                f"layer attention exists only for model.layer_pool='cross_attention'; this model pools its layers "
+                f"with {self.layer_pool!r}, which has no attention over layers"
+            )
         out = {}
         for m in self.modalities:
             if m in features:

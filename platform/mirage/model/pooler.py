@@ -1,9 +1,16 @@
-"""Layer cross-attention pooler: learned queries attend over the backbone's layer stack."""
+"""Layer poolers: one vector per frame from a modality's backbone layer stack.
+
+The MIRAGE pooler (learned queries attend over the layers) and the reference's alternatives
+(``modality_stack`` kinds): all-layers mean, concatenation, self-attention over the layers.
+:func:`build_layer_pooler` picks one from ``model.layer_pool``.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from mirage.config import ConfigError, ModelConfig
 
 
 class LayerCrossAttentionPooler(nn.Module):
@@ -64,3 +71,108 @@ class LayerCrossAttentionPooler(nn.Module):
         out, weights = self.attend(x, need_weights=self.record_attention)
         self.last_attention_weights = None if weights is None else weights.detach().flatten(0, 1)
         return out
+
+
+class LayerMeanPooler(nn.Module):
+    """All-layers mean: ``(B, n_layers, T, dim)`` -> ``(B, T, dim)``. No parameters."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, n_layers, T, dim)`` -> ``(B, T, dim)``."""
+        return x.mean(dim=1)
+
+
+class LayerConcatPooler(nn.Module):
+    """The layers side by side: ``(B, n_layers, T, dim)`` -> ``(B, T, n_layers * dim)``, layer-major.
+
+    The only pooler whose output width depends on ``n_layers``, fixed when it is built.
+    """
+
+    def __init__(self, dim: int, n_layers: int) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ConfigError(
+                f"model.layer_pool='concat' needs the number of layers fed to the model, got {n_layers}"
+            )
+        self.dim, self.n_layers = dim, n_layers
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_layers * self.dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, n_layers, T, dim)`` -> ``(B, T, n_layers * dim)``."""
+        B, L, T, D = x.shape
+        if L != self.n_layers:
+            raise ValueError(f"layer_pool='concat': built for {self.n_layers} layers, got features with {L}")
+        return x.permute(0, 2, 1, 3).reshape(B, T, L * D)
+
+
+class LayerSelfAttentionPooler(nn.Module):
+    """One pre-norm transformer layer over the layer tokens of each frame; the deepest outputs are kept.
+
+    The ``n_layers`` vectors of a frame are layer-normalised into tokens; the deepest ``n_tokens``
+    of them attend (multi-head, pre-norm, residual) over all tokens and pass a residual GELU
+    feed-forward block; the results are layer-normalised and concatenated. Only the kept tokens'
+    outputs are computed. No parameter depends on ``n_layers``.
+    """
+
+    def __init__(self, dim: int, n_tokens: int, heads: int, dropout: float, ff_mult: int) -> None:
+        super().__init__()
+        self.dim, self.n_tokens = dim, n_tokens
+        self.input_norm = nn.LayerNorm(dim)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
+        self.output_norm = nn.LayerNorm(dim)
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_tokens * self.dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, n_layers, T, dim)`` -> ``(B, T, n_tokens * dim)``."""
+        B, L, T, D = x.shape
+        if L < self.n_tokens:
+            raise ValueError(
+                f"layer_pool='self_attention': model.self_attention_tokens={self.n_tokens} exceeds the {L} layers fed"
+            )
+        x = x.to(self.output_norm.weight.dtype)
+        tokens = self.input_norm(x.permute(0, 2, 1, 3).reshape(B * T, L, D))  # (B*T, L, D)
+        normed = self.attn_norm(tokens)
+        kept = tokens[:, L - self.n_tokens :]  # (B*T, K, D)
+        attended, _ = self.attn(normed[:, L - self.n_tokens :], normed, normed, need_weights=False)
+        h = kept + attended
+        h = h + self.ff(self.ff_norm(h))
+        return self.output_norm(h).reshape(B, T, self.n_tokens * D)  # (B, T, K*D), token-major
+
+
+LAYER_POOLS = ("cross_attention", "mean", "concat", "self_attention")
+"""The values of ``model.layer_pool``."""
+
+
+def build_layer_pooler(cfg: ModelConfig, dim: int, n_layers: int) -> nn.Module:
+    """The layer pooler ``cfg.layer_pool`` names for one modality of feature width ``dim``.
+
+    Every pooler maps ``(B, n_layers, T, dim)`` to ``(B, T, out_dim)``.
+    """
+    kind = cfg.layer_pool
+    if kind == "cross_attention":
+        return LayerCrossAttentionPooler(dim, cfg.n_queries, cfg.pooler_heads, cfg.pooler_dropout, cfg.query_init_std)
+    if kind == "mean":
+        return LayerMeanPooler(dim)
+    if kind == "concat":
+        return LayerConcatPooler(dim, n_layers)
+    if kind == "self_attention":
+        return LayerSelfAttentionPooler(
+            dim, cfg.self_attention_tokens, cfg.pooler_heads, cfg.pooler_dropout, cfg.self_attention_ff_mult
+        )
+    raise ConfigError(f"model.layer_pool={kind!r}: expected one of {list(LAYER_POOLS)}")

@@ -48,8 +48,9 @@ from mirage.ensemble import (
     refit_weights,
     two_folds,
 )
-from mirage.errors import MirageError
+from mirage.errors import MirageError, ModelLoadError
 from mirage.features.store import FeatureStore, open_store
+from mirage.model_dirs import find_model_dir
 from mirage.predictor import Predictor, predict_stored, stored_runs
 from mirage.submission import read_predictions
 from mirage.tracking.predictions import epoch_predictions
@@ -140,7 +141,13 @@ def _reusable_trials(cfg: Config, sweep: SweepResult) -> dict[str, Any]:
 def _download_model(cfg: Config, run_id: str, dest: Path) -> str | None:
     """The exported model of a run, downloaded; None when the run has none (the member is trained instead)."""
     path = tracking.download_run_artifacts(cfg.tracking.uri, run_id, "model", dest)
-    return str(path) if path is not None and (path / "model.safetensors").is_file() else None
+    if path is None:
+        return None
+    try:  # the run's MLflow model holds the exported directory (artifacts/predictor); older runs hold it as is
+        found = find_model_dir(path)
+    except ModelLoadError:
+        return None
+    return str(found) if (found / "model.safetensors").is_file() else None
 
 
 def train_members(
@@ -332,15 +339,21 @@ def build_ensemble(cfg: Config, sweep: SweepResult) -> EnsembleOutcome:
 
 def _log_analysis(cfg: Config, member: Predictor, store: FeatureStore, runs: dict[RunKey, Any], targets,
                   subjects: list[str], out: Path, run_id: str) -> None:
-    """Interpretability artifacts of one member on every validation run, logged under ``analysis/``."""
+    """Interpretability artifacts of one member on every validation run: arrays under ``analysis/``, plots
+    under ``figures/<name>/``."""
     modalities = [m for m in MODALITIES if m in member.modalities]  # store order: vision, audio, text
     lengths = {k: len(targets[k.subject][k.name]) for k in runs}
     first = next(iter(runs)).subject  # the stimulus, not the subject, drives the attention: one subject suffices
+    attends = member.cfg.model.layer_pool == "cross_attention"  # the other layer pools have no layer attention
     res = analyze(
         lambda drop: nest(predict_stored(member, store, lengths, drop=drop)),
         targets, subjects, modalities,
-        attention=member.layer_attention(stored_runs(store, {k: n for k, n in lengths.items() if k.subject == first})),
+        attention=member.layer_attention(stored_runs(store, {k: n for k, n in lengths.items() if k.subject == first}))
+        if attends else None,
     )
-    write_analysis(res, out)
-    tracking.log_artifacts(cfg.tracking.uri, run_id, out, "analysis")
+    uri = cfg.tracking.uri
+    files = write_analysis(res, out, on_figure=lambda name, fig: tracking.log_figure(uri, run_id, fig, name))
+    for f in files:  # the plots went to figures/<name>/ above
+        if f.suffix != ".png":
+            tracking.log_artifacts(uri, run_id, f, "analysis")
     tracking.log_metrics(cfg.tracking.uri, run_id, {f"subset_r/{k.replace('+', '_')}": v for k, v in res.subset_r.items()}, step=0)

@@ -1,6 +1,7 @@
 """Every MLflow call of the platform: runs, metrics and artifacts (:mod:`.runs`), the model
-registry and its champion alias (:mod:`.registry`), model URIs and downloads (:mod:`.models`), and
-the pyfunc wrapper of a logged model (:mod:`.pyfunc`).
+registry and its champion alias (:mod:`.registry`), model URIs and downloads (:mod:`.models`), the
+pyfunc wrapper of a logged model (:mod:`.pyfunc`), and a training run's MLflow model, dataset inputs
+and figures (:mod:`.trained`).
 
 Each call takes the store's absolute URI (``cfg.tracking.uri``) or the config itself and goes
 through an ``MlflowClient`` bound to it; no module outside this package imports MLflow.
@@ -32,13 +33,24 @@ from mirage.tracking.runs import (
     end_run,
     ensure_experiment,
     finish_trial_runs,
+    git_commit,
     log_artifacts,
     log_config,
     log_metrics,
     reopen_run,
     run_tags,
     set_tags,
+    source_tags,
     start_run,
     status_for,
     tracked_run,
+)
+from mirage.tracking.trained import (
+    MODEL_URI_TAG,
+    TRAINED_MODEL,
+    feature_dataset,
+    fmri_dataset,
+    log_dataset_inputs,
+    log_figure,
+    log_trained_model,
 )

@@ -1,6 +1,8 @@
 """Models and artifacts in an MLflow store: check a model URI, open or download a model, download a run's artifacts.
 
-URIs: ``models:/<name>@<alias>``, ``models:/<name>/<version>[/<path>]``, ``runs:/<run_id>/<path>``.
+URIs: ``models:/<name>@<alias>``, ``models:/<name>/<version>[/<path>]``, ``models:/<model id>`` (an MLflow 3
+logged model, ``m-...``), ``runs:/<run_id>/<path>`` (a run artifact, or a logged model of the run: a
+training run's MLflow model is ``runs:/<run_id>/model``).
 A client bound to the given tracking URI resolves them, so neither the global tracking URI nor
 the global registry URI is read or changed.
 """
@@ -35,6 +37,41 @@ def _registered(c: MlflowClient, uri: str) -> tuple[str, str, str]:
     raise ModelLoadError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
 
 
+def _model_id_location(c: MlflowClient, uri: str) -> str | None:
+    """Artifact location of a ``models:/<model id>[/<path>]`` URI (an MLflow 3 logged model, ``m-...``);
+    None for a registered-model URI."""
+    ref, _, sub = uri[len("models:/"):].partition("/")
+    if "@" in ref or not ref.startswith("m-") or (sub and sub.split("/")[0].isdigit()):
+        return None
+    location = c.get_logged_model(ref).artifact_location.rstrip("/")
+    return location + ("/" + sub if sub else "")
+
+
+def _logged_model_location(c: MlflowClient, run_id: str, path: str) -> str | None:
+    """Artifact location of ``path`` inside the logged model of ``run_id`` that its first component names.
+
+    ``runs:/<run_id>/<name>[/...]`` names a logged model (MLflow 3) when the run produced one called
+    ``name``; its files live at the model's own artifact location, read here through the client bound
+    to the store (MLflow's own ``runs:/`` resolution reads the process-global tracking URI).
+    None when the run has no such model.
+    """
+    name, _, rest = path.strip("/").partition("/")
+    if not name:
+        return None
+    run = c.get_run(run_id)
+    token = None
+    while True:
+        page = c.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'", page_token=token
+        )
+        for m in page:
+            if m.source_run_id == run_id:
+                return m.artifact_location.rstrip("/") + ("/" + rest if rest else "")
+        token = page.token
+        if not token:
+            return None
+
+
 def check_model_uri(uri: str, tracking_uri: str) -> None:
     """``uri`` names a registered version or a run artifact in the store, checked without downloading.
 
@@ -44,7 +81,8 @@ def check_model_uri(uri: str, tracking_uri: str) -> None:
     c = client(tracking_uri)
     try:
         if uri.startswith("models:/"):
-            _registered(c, uri)
+            if _model_id_location(c, uri) is None:
+                _registered(c, uri)
             return
         run_id, _, path = uri[len("runs:/"):].partition("/")
         if not run_id:
@@ -62,12 +100,20 @@ def download_model(uri: str, tracking_uri: str | None, dst: Path) -> str:
     try:
         if uri.startswith("models:/"):
             c = client(tracking_uri) if tracking_uri else MlflowClient()
+            location = _model_id_location(c, uri)
+            if location is not None:
+                return mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst), tracking_uri=tracking_uri)
             name, version, sub = _registered(c, uri)
             source = c.get_model_version_download_uri(name, version)
             if sub:
                 source = source.rstrip("/") + "/" + sub
             return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+        c = client(tracking_uri) if tracking_uri else MlflowClient()
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        location = _logged_model_location(c, run_id, path) if run_id else None
+        return mlflow.artifacts.download_artifacts(
+            artifact_uri=location or uri, dst_path=str(dst), tracking_uri=tracking_uri
+        )
     except MlflowException as e:
         raise ModelLoadError(f"{uri}: cannot download from MLflow at {tracking_uri}: {e.message}") from None
 
@@ -75,7 +121,15 @@ def download_model(uri: str, tracking_uri: str | None, dst: Path) -> str:
 def download_run_artifacts(tracking_uri: str, run_id: str, path: str, dst: Path) -> Path | None:
     """The artifact folder or file ``path`` of ``run_id`` downloaded under ``dst``; None when the run has none."""
     try:
-        return Path(client(tracking_uri).download_artifacts(run_id, path, str(dst)))
+        c = client(tracking_uri)
+        location = _logged_model_location(c, run_id, path)
+        if location is not None:  # a logged model of the run (MLflow 3), e.g. a training run's "model"
+            target = dst / path.strip("/")
+            target.mkdir(parents=True, exist_ok=True)
+            return Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=str(target), tracking_uri=tracking_uri
+            ))
+        return Path(c.download_artifacts(run_id, path, str(dst)))
     except (MlflowException, OSError):  # no such artifact on that run
         return None
 
@@ -109,6 +163,8 @@ def load_predictor(
 
 
 def _artifact_exists(c: MlflowClient, run_id: str, path: str) -> bool:
+    if _logged_model_location(c, run_id, path) is not None:
+        return True
     parent, _, name = path.rpartition("/")
     return any(f.path.rstrip("/") == path for f in c.list_artifacts(run_id, parent or None)) or bool(
         c.list_artifacts(run_id, path)

@@ -11,6 +11,10 @@ as the artifact ``predictor``; ``load_context`` rebuilds the PyTorch classes fro
 - a list of such dicts, or a pandas DataFrame with columns ``subject``, ``features``, ``n_trs``
   (one row per request) -> list of arrays, the runs' windows batched together
   (:meth:`mirage.predictor.Predictor.predict_runs`).
+
+A training run's model (:func:`mirage.tracking.trained.log_trained_model`) carries a signature
+(``subject`` string, ``features`` 4-D array, ``n_trs`` long); MLflow enforces it by turning a dict
+into a one-row DataFrame, so there a single request returns a list holding one array.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Everything goes through an ``MlflowClient`` bound to the absolute ``tracking.uri``; nothing
 sets process-global MLflow state, so Ray workers and Tune trials (whose working directory
 changes) log to the same store. Tags: ``mirage.kind`` (train, baseline, sweep, trial,
-ensemble), ``mirage.code_version``, ``mirage.feature_key``, ``mirage.data_root``; nested runs
+ensemble, experiment), ``mirage.code_version``, ``mirage.feature_key``, ``mirage.data_root``; nested runs
 carry ``mlflow.parentRunId``. Every run opened here ends with its true status.
 """
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from mirage.features.store import store_key
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-KINDS = ("train", "baseline", "sweep", "trial", "ensemble")
+KINDS = ("train", "baseline", "sweep", "trial", "ensemble", "experiment")
 _MAX_PARAM_LEN = 6000
 
 
@@ -37,12 +39,39 @@ def client(uri: str) -> MlflowClient:
 
 
 @functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """The git commit of the project (``+dirty`` with local changes), else the package version."""
+def git_commit() -> str | None:
+    """The git commit of the project checkout, None outside a git checkout."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha or None
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags: ``mlflow.source.name`` (the command), ``mlflow.source.type`` (LOCAL),
+    ``mlflow.source.git.commit`` (in a git checkout) and ``mlflow.user``."""
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:2]]
+    tags = {"mlflow.source.name": " ".join(argv), "mlflow.source.type": "LOCAL"}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        pass
+    return tags
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of the project (``+dirty`` with local changes), else the package version."""
+    try:
+        sha = git_commit()
+        if sha is None:
+            raise OSError("not a git checkout")
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10,
@@ -89,6 +118,7 @@ def run_tags(cfg: Config, kind: str, feature_key: str | None = None) -> dict[str
         except Exception:  # noqa: BLE001 - the key is informative, a run must not fail for it
             feature_key = "unknown"
     return {
+        **source_tags(),
         "mirage.kind": kind,
         "mirage.code_version": code_version(),
         "mirage.feature_key": feature_key,
@@ -195,15 +225,46 @@ def tracked_run(
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
 ) -> Iterator[str]:
-    """Open (or reopen ``run_id``) a run, yield its id, end it with its true status."""
-    if run_id is None or not reopen_run(cfg.tracking.uri, run_id):
+    """Open (or reopen ``run_id``) a run, yield its id, end it with its true status.
+
+    Training runs (kinds ``train`` and ``trial``) log system metrics while open when
+    ``tracking.system_metrics`` is on.
+    """
+    resumed = run_id is not None and reopen_run(cfg.tracking.uri, run_id)
+    if not resumed:
         run_id = start_run(cfg, kind, run_name, parent_run_id=parent_run_id, tags=tags)
+    monitor = system_metrics_monitor(cfg, run_id, resumed) if kind in ("train", "trial") else None
     try:
         yield run_id
     except BaseException as e:
+        _stop(monitor)
         end_run(cfg.tracking.uri, run_id, status_for(e))
         raise
+    _stop(monitor)
     end_run(cfg.tracking.uri, run_id, "FINISHED")
+
+
+def system_metrics_monitor(cfg: Config, run_id: str, resumed: bool = False):
+    """MLflow's system metrics monitor, started on ``run_id`` (None when ``tracking.system_metrics`` is off).
+
+    Samples every ``tracking.system_metrics_interval_s`` seconds in a thread of this process and
+    logs ``system/...`` metrics (one step per sample, continuing the steps of a resumed run).
+    """
+    if not cfg.tracking.system_metrics:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=cfg.tracking.system_metrics_interval_s, resume_logging=resumed,
+        tracking_uri=cfg.tracking.uri,
+    )
+    monitor.start()
+    return monitor
+
+
+def _stop(monitor) -> None:
+    if monitor is not None:
+        monitor.finish()
 
 
 class EpochLogger:
