@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TEST_OVERRIDES
+from run_helpers import mlflow_client, run_artifacts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -31,19 +32,6 @@ SPEC = {
     "report": {"figures": ["bars", "maps", "networks", "difference", "timecourses", "probes", "attention"],
                "compare": ["mirage", "linear"]},
 }
-
-
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
-    out = set()
-    for a in client.list_artifacts(run_id, path):
-        out |= _artifacts(client, run_id, a.path) if a.is_dir else {a.path}
-    return out
 
 
 def _table(client, run_id: str, dest: Path) -> list[dict]:
@@ -73,7 +61,7 @@ def done(train_cfg, tmp_path_factory):
 
 
 def test_every_trial_is_a_finished_child_of_one_parent(done):
-    c = _client(done["uri"])
+    c = mlflow_client(done["uri"])
     parent = c.get_run(done["first"].parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["mirage.kind"] == "experiment"
     kids = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -83,13 +71,13 @@ def test_every_trial_is_a_finished_child_of_one_parent(done):
         assert r.info.status == "FINISHED" and r.data.tags["mirage.experiment_scored"] == "1"
         assert r.data.tags["mirage.splits_missing"] == "ood", "the synthetic dataset holds no OOD fMRI"
         assert "r_val" in r.data.metrics and "table/val/mean_r" in r.data.metrics, "the UI compares children on these"
-        assert "experiment/scores.npz" in _artifacts(c, r.info.run_id)
+        assert "experiment/scores.npz" in run_artifacts(c, r.info.run_id)
 
 
 def test_table_and_figures_are_in_mlflow(done):
-    c = _client(done["uri"])
+    c = mlflow_client(done["uri"])
     run_id = done["first"].parent_run_id
-    arts = _artifacts(c, run_id)
+    arts = run_artifacts(c, run_id)
     assert {"experiment/table.csv", "experiment/table.json", "experiment/networks.csv", "experiment/probes.csv",
             "experiment/attention.csv", "figures/attention/mirage.png",
             "figures/bars/val.png", "figures/networks/val.png", "figures/probes/val.png"} <= arts
@@ -107,7 +95,7 @@ def test_table_and_figures_are_in_mlflow(done):
 
 
 def test_report_in_a_fresh_process_recomputes_the_same_table(done):
-    c = _client(done["uri"])
+    c = mlflow_client(done["uri"])
     run_id = done["first"].parent_run_id
     before = _table(c, run_id, done["work"] / "t1")
     sets = TEST_OVERRIDES + [f"tracking.uri={done['uri']}", f"outputs={done['work'] / 'fresh'}"]
@@ -127,7 +115,7 @@ def test_rerunning_a_finished_experiment_trains_nothing(done):
     import ray
     from mirage.pipeline.experiment import run_experiment
 
-    c = _client(done["uri"])
+    c = mlflow_client(done["uri"])
     parent = done["first"].parent_run_id
     n_before = len(c.search_runs([c.get_run(parent).info.experiment_id]))
     again = run_experiment(done["cfg"], done["spec"])

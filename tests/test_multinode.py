@@ -25,6 +25,7 @@ import pytest
 
 from mirage.distributed.sim_cluster import GPU_GROUP
 from conftest import SIM_GPU_NODES
+from run_helpers import in_thread
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -56,21 +57,6 @@ def _wait_for(predicate, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not happen within {timeout:g} s")
         time.sleep(0.2)
-
-
-def _in_thread(fn):
-    out: dict = {}
-
-    def run():
-        try:
-            out["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out["error"] = e
-        out["done_at"] = time.monotonic()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 def _join(thread, out: dict, timeout: float):
@@ -170,7 +156,7 @@ def test_fsdp_training_on_two_nodes_resumes_after_losing_one(sim_cluster, gpu_no
         "ray.address": sim_cluster.address,
     })
     run_dir = tmp_path / "ray" / "spread"
-    thread, out = _in_thread(lambda: run_training(cfg, name="spread"))
+    thread, out = in_thread(lambda: run_training(cfg, name="spread"))
 
     _wait_for(lambda: _checkpointed(run_dir), 300, "the first complete checkpoint")
     workers = _alive_actors("RayTrainWorker")
@@ -217,7 +203,7 @@ def test_sweep_trials_on_two_nodes_finish_after_losing_one(sim_cluster, gpu_node
         # one point: equal trials report equal scores, so ASHA stops none and every trial run can finish
         "sweep.space": {"model.depth": {"kind": "choice", "values": [1]}},
     })
-    thread, out = _in_thread(lambda: run_sweep(cfg))
+    thread, out = in_thread(lambda: run_sweep(cfg))
 
     def both_checkpointed():
         runs = [d for d in (tmp_path / "ray").glob("spread-*") if _checkpointed(d)]

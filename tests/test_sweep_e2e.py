@@ -133,7 +133,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(job):
 
 
 def test_mlflow_holds_sweep_trials_and_registered_ensemble(job):
-    uri, work = job["uri"], job["work"]
+    uri = job["uri"]
     assert job["second"].returncode == 0, job["second"].stderr[-3000:]
     runs = _runs(uri)
     assert all(r.info.status in ("FINISHED", "FAILED", "KILLED") for r in runs), [
@@ -163,6 +163,11 @@ def test_mlflow_holds_sweep_trials_and_registered_ensemble(job):
     assert {"analysis/dominant_modality.npy", "analysis/summary.json"} <= ana
     figs = {a.path for d in ("dominance", "layer_attention") for a in c.list_artifacts(ens.info.run_id, f"figures/{d}")}
     assert {"figures/dominance/dominance.png", "figures/layer_attention/layer_attention.png"} <= figs
+    brain = {a.path for d in ("brain_map", "brain_networks", "brain_dominant_modality")
+             for a in c.list_artifacts(ens.info.run_id, f"figures/{d}")}  # the synthetic release ships an atlas
+    assert {"figures/brain_map/val_r_mean_glass.png", "figures/brain_map/val_r_mean_surface.png",
+            "figures/brain_networks/brain_networks.png",
+            "figures/brain_dominant_modality/brain_dominant_modality.png"} <= brain, brain
 
     mv = c.get_model_version_by_alias(REGISTRY, "champion")
     assert mv.run_id == ens.info.run_id

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_helpers import mlflow_client, run_artifacts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,20 +32,6 @@ def _actors(class_name: str) -> list:
         filters=[("class_name", "=", class_name)],
         limit=10_000,
     )
-
-
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
-    """Every artifact file path of a run."""
-    out = set()
-    for a in client.list_artifacts(run_id, path):
-        out |= _artifacts(client, run_id, a.path) if a.is_dir else {a.path}
-    return out
 
 
 def _logged_model_files(uri: str, run_id: str, dest: Path) -> set[str]:
@@ -91,7 +78,7 @@ def test_direct_trial_starts_no_train_controller(runs):
 
 
 def test_direct_and_trainer_trials_leave_the_same_mlflow_run(runs, tmp_path):
-    c = _client(runs["uri"])
+    c = mlflow_client(runs["uri"])
     got = {}
     for runner in ("direct", "trainer"):
         res = runs[runner]["res"]
@@ -106,7 +93,7 @@ def test_direct_and_trainer_trials_leave_the_same_mlflow_run(runs, tmp_path):
         got[runner] = {
             "metrics": {m for m in run.data.metrics if not m.startswith("system/")},  # sampled every 10 s: by duration
             "params": set(run.data.params),
-            "artifacts": _artifacts(c, t.run_id),
+            "artifacts": run_artifacts(c, t.run_id),
         }
         files = _logged_model_files(runs["uri"], t.run_id, tmp_path / runner)
         assert {"model.safetensors", "config.yaml", "meta.json"} <= files, (runner, files)
@@ -190,7 +177,7 @@ def test_killed_direct_trial_resumes_from_its_checkpoint(train_cfg, tmp_path):
     first_resumed = restarted[0]["start_epoch"]
     assert first_resumed == int(killed["epochs_done"][-1][len("epoch_"):]) + 1  # from the last complete checkpoint
     assert [r["epoch"] for r in restarted] == list(range(first_resumed, epochs))  # no epoch trained twice after it
-    c = _client(uri)
+    c = mlflow_client(uri)
     run = c.get_run(killed["run_id"])  # the same MLflow run, reopened and closed
     assert run.info.status == "FINISHED"
     assert {m.step for m in c.get_metric_history(killed["run_id"], "val_r")} == set(range(epochs))

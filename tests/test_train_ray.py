@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from mirage.distributed.train import MLFLOW_RUN_FILE, run_training
+from run_helpers import in_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -51,25 +51,11 @@ def _kill_a_worker_after(run_dir: Path, epoch_dir: str, timeout: float = 240) ->
     return pid
 
 
-def _in_thread(fn):
-    out: dict = {}
-
-    def run():
-        try:
-            out["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
 def test_killed_worker_resumes_from_last_checkpoint(train_cfg, ray_local, tmp_path):
     cfg = train_cfg.with_overrides(
         {"train.epochs": 5, "train.num_workers": 2, "train.max_failures": 1, "train.storage": str(tmp_path)}
     )
-    thread, out = _in_thread(lambda: run_training(cfg, name="killed", track=False))
+    thread, out = in_thread(lambda: run_training(cfg, name="killed", track=False))
     _kill_a_worker_after(tmp_path / "killed", "epoch_0001")
     thread.join(timeout=400)
     assert not thread.is_alive(), "training did not finish after the worker was killed"
@@ -101,7 +87,7 @@ def test_restarted_run_resumes_and_is_tracked(train_cfg, ray_local, tmp_path):
             "tracking.experiment": "restart-test",
         }
     )
-    thread, out = _in_thread(lambda: run_training(cfg, name="restart"))
+    thread, out = in_thread(lambda: run_training(cfg, name="restart"))
     _kill_a_worker_after(tmp_path / "ray" / "restart", "epoch_0001")
     thread.join(timeout=300)
     assert "error" in out, "a run without retries should fail when a worker dies"

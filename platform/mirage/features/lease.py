@@ -4,12 +4,14 @@ The lease is one file (JSON: owner id, host, pid, process namespace, expiry as U
 
     <folder>/.lease
 
-Taking it: the file is created with ``O_CREAT | O_EXCL`` (one contender wins even on NFS-like
-volumes), then read back to confirm the owner. While held, a daemon thread rewrites it with a new
+Taking it: the record is written under a temporary name and hard-linked to ``.lease`` (the link
+fails if the name exists, so one contender wins even on NFS-like volumes, and nobody reads a
+half-written lease; ``O_CREAT | O_EXCL`` where the volume has no hard links), then read back to
+confirm the owner. While held, a daemon thread rewrites it with a new
 expiry every third of ``seconds``. Another contender may take it over only once it has expired: it
 renames the stale file to a name of its own (one rename wins), checks that what it moved is the
 stale lease it judged (a fresh lease moved by mistake is linked back), removes it and creates its
-own with ``O_EXCL``. A lease whose owner ran on this very machine (same host, boot and pid
+own the same way. A lease whose owner ran on this very machine (same host, boot and pid
 namespace) and whose process is gone counts as expired at once, so a killed local job is resumed
 without waiting; a live or foreign owner is only ever outwaited. An owner whose lease was taken over or lapsed sees it at the next renewal or
 :meth:`Lease.check` and must write nothing more. Expiry uses wall clocks: nodes must agree on the
@@ -133,12 +135,34 @@ class Lease:
         raise self.error(f"{self.what}: could not take the lease {self.path} after {_ATTEMPTS} contended attempts")
 
     def _create(self) -> bool:
-        """Create the lease file exclusively with this owner's record; False if one exists."""
+        """Create the lease file exclusively with this owner's record; False if one exists.
+
+        The record is written and synced under a name of this owner's, then hard-linked to the lease
+        name: the link fails when the name exists (exclusive, as ``O_CREAT | O_EXCL``) and a reader
+        never sees a half-written lease. Where the volume has no hard links, ``O_CREAT | O_EXCL``.
+        """
+        expires = time.time() + self.seconds
+        tmp = self.path.with_name(f"{LEASE}.new-{self.owner}")
+        with open(tmp, "wb") as f:
+            f.write(self._record(expires))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this volume
+            return self._create_exclusive(expires)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.expires = expires
+        return True
+
+    def _create_exclusive(self, expires: float) -> bool:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        expires = time.time() + self.seconds
         try:
             os.write(fd, self._record(expires))
             os.fsync(fd)

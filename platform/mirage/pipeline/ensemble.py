@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mirage import tracking
-from mirage.analysis import analyze, write_analysis
+from mirage.analysis import AnalysisResult, analyze, write_analysis
 from mirage.config import MODALITIES, Config
 from mirage.data.fmri import load_fmri, zscore
 from mirage.data.run_key import RunKey, nest
@@ -357,3 +357,30 @@ def _log_analysis(cfg: Config, member: Predictor, store: FeatureStore, runs: dic
         if f.suffix != ".png":
             tracking.log_artifacts(uri, run_id, f, "analysis")
     tracking.log_metrics(cfg.tracking.uri, run_id, {f"subset_r/{k.replace('+', '_')}": v for k, v in res.subset_r.items()}, step=0)
+    _log_brain_figures(cfg, res, run_id)
+
+
+def _log_brain_figures(cfg: Config, res: AnalysisResult, run_id: str) -> None:
+    """Brain maps of the analysed member where the dataset ships an atlas: its subject-mean per-parcel r
+    (glass brain and surface), the dominant modality (surface) and mean r per Yeo-7 network, under
+    ``figures/brain_*``; the network table as ``analysis/networks.json``."""
+    from mirage.brain.atlas import find_atlas
+    from mirage.brain.maps import plot_dominant_modality, write_maps
+    from mirage.brain.networks import network_summary, plot_network_bars
+
+    atlas = find_atlas(cfg.data.root, cfg.data.n_parcels, list(res.subjects))
+    if atlas is None:
+        return
+    import matplotlib.pyplot as plt
+
+    figures = {("brain_map", name): fig for name, fig in write_maps({"val_r_mean": res.val_r.mean(axis=0)}, atlas).items()}
+    drops = dict(zip(res.dominance.modalities, res.dominance.drop))
+    figures[("brain_dominant_modality", None)] = plot_dominant_modality(drops, atlas, title="dominant modality (ablation)")
+    rows = network_summary({"member": dict(zip(res.subjects, res.val_r))}, cfg.data.n_parcels)
+    figures[("brain_networks", None)] = plot_network_bars(rows, title="mean r per Yeo-7 network (val)")
+    for (folder, file), fig in figures.items():
+        tracking.log_figure(cfg.tracking.uri, run_id, fig, folder, file)
+        plt.close(fig)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "networks.json").write_text(json.dumps(rows, indent=2, default=float))
+        tracking.log_artifacts(cfg.tracking.uri, run_id, Path(d) / "networks.json", "analysis")
