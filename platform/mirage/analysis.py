@@ -202,12 +202,7 @@ def write_attention_views(
         im = axes[1].imshow(v.per_query, aspect="auto", cmap="viridis")
         axes[1].set(xlabel="layer (selected index)", ylabel="query", title=f"{m}: per query")
         fig.colorbar(im, ax=axes[1])
-        fig.tight_layout()
-        fig.savefig(out / f"attention_{m}.png", dpi=100)
-        if on_figure is not None:
-            on_figure(f"attention_{m}", fig)
-        plt.close(fig)
-        files.append(out / f"attention_{m}.png")
+        files.append(finish_figure(fig, out / f"attention_{m}.png", on_figure))
     if spread:
         for m, sp in spread.items():
             summary.setdefault(m, {})["spread"] = sp.to_json()
@@ -220,12 +215,7 @@ def write_attention_views(
             ax.axhline(1.0 / len(x), color="grey", ls="--", lw=1)
         ax.set(xlabel="layer (selected index)", ylabel="attention", title="Layer attention over seeds (d: distance from uniform)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "attention_spread.png", dpi=100)
-        if on_figure is not None:
-            on_figure("attention_spread", fig)
-        plt.close(fig)
-        files.append(out / "attention_spread.png")
+        files.append(finish_figure(fig, out / "attention_spread.png", on_figure))
     (out / "attention_distance.json").write_text(json.dumps(summary, indent=2))
     files.append(out / "attention_distance.json")
     return files
@@ -332,6 +322,19 @@ FigureHook = Callable[[str, object], None]
 """Called with (figure name, matplotlib figure) for every plot before it is closed (e.g. to log it to MLflow)."""
 
 
+def finish_figure(fig, path: Path, on_figure: FigureHook | None = None) -> Path:
+    """Lay out ``fig``, save it as a PNG at ``path`` (100 dpi), show it to ``on_figure`` (named by the
+    file stem), close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    if on_figure is not None:
+        on_figure(path.stem, fig)
+    plt.close(fig)
+    return path
+
+
 def write_analysis(res: AnalysisResult, out_dir: str | Path, on_figure: FigureHook | None = None) -> list[Path]:
     """Write the arrays (.npy, summary.json) and the plots (.png); returns the files written.
 
@@ -351,12 +354,7 @@ def write_analysis(res: AnalysisResult, out_dir: str | Path, on_figure: FigureHo
         files.append(out / name)
 
     def save_fig(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        if on_figure is not None:
-            on_figure(Path(name).stem, fig)
-        plt.close(fig)
-        files.append(out / name)
+        files.append(finish_figure(fig, out / name, on_figure))
 
     save_npy("val_r.npy", res.val_r.astype(np.float32))
     save_npy("subject_r.npy", res.subject_r.astype(np.float32))

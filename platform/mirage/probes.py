@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mirage.analysis import finish_figure
 from mirage.config import Config
 from mirage.data.windows import windows_for_prediction
 from mirage.errors import DataError, MirageError
@@ -332,10 +333,5 @@ def write_probes(res: ProbeResult, out_dir: str | os.PathLike, on_figure=None) -
     ax.set_xticks(x, res.stages)
     ax.set(ylabel="held-out probe r", title="Linear probes per stage")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "probes.png", dpi=100)
-    if on_figure is not None:
-        on_figure("probes", fig)
-    plt.close(fig)
-    files.append(out / "probes.png")
+    files.append(finish_figure(fig, out / "probes.png", on_figure))
     return files
