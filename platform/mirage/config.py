@@ -783,24 +783,24 @@ def _validate(tree: dict[str, Any], source: str) -> Config:
         raise ConfigError(f"invalid config ({source}): " + "; ".join(msgs)) from None
 
 
-def preset_names() -> list[str]:
-    """Names of the presets shipped in the package (``demo``, ``paper``)."""
-    folder = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER)
+def preset_names(subfolder: str = "") -> list[str]:
+    """Names of the YAML presets shipped in the package (``demo``, ``paper``; below ``subfolder`` if given)."""
+    folder = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER, *filter(None, [subfolder]))
     return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
 
 
-def preset_path(name: str) -> Path:
-    """A preset name (``demo``) or a path to a YAML file."""
+def preset_path(name: str, subfolder: str = "", what: str = "preset") -> Path:
+    """A preset name (``demo``; looked up below ``subfolder``) or a path to a YAML file; ``what`` names it in errors."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
+            raise ConfigError(f"{what} file {p} not found")
         return p
-    cand = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER, f"{name}.yaml")
+    cand = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER, *filter(None, [subfolder]), f"{name}.yaml")
     if not cand.is_file():
-        known = preset_names()
+        known = preset_names(subfolder)
         hint = _did_you_mean(name, known)
-        raise ConfigError(f"unknown preset {name!r}; expected a YAML path or one of {known}{hint}")
+        raise ConfigError(f"unknown {what} {name!r}; expected a YAML path or one of {known}{hint}")
     return Path(str(cand))
 
 

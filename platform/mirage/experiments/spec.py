@@ -27,13 +27,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mirage.config import PRESET_FOLDER, PRESET_PACKAGE, Config, ConfigError, config_keys
+from mirage.config import Config, ConfigError, config_keys, preset_names, preset_path
 from mirage.documents import read_mapping
 
 EXPERIMENT_FOLDER = "experiments"
@@ -321,24 +320,12 @@ class EnsemblePlan:
 
 def spec_names() -> list[str]:
     """Names of the experiment presets shipped in the package."""
-    folder = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER, EXPERIMENT_FOLDER)
-    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
+    return preset_names(EXPERIMENT_FOLDER)
 
 
 def spec_path(name: str) -> Path:
     """An experiment preset name (``fig2c``) or a path to a YAML file."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"experiment file {p} not found")
-        return p
-    cand = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER, EXPERIMENT_FOLDER, f"{name}.yaml")
-    if not cand.is_file():
-        known = spec_names()
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown experiment {name!r}; expected a YAML path or one of {known}{hint}")
-    return Path(str(cand))
+    return preset_path(name, EXPERIMENT_FOLDER, what="experiment")
 
 
 def parse_spec(tree: dict[str, Any], source: str = "experiment") -> ExperimentSpec:
