@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -38,12 +37,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 FORMATS = {"JSON": None, ".npy f32": "application/x-npy", ".npy f16": "application/x-npy;dtype=float16"}
 HEADS = {"demo": [], "paper": ["model.hidden_dim=3072"]}
 STAGES = ("body", "decode", "queue", "predict", "encode", "total")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load() -> str:
@@ -77,6 +70,7 @@ def bench_head(head: str, args) -> list[dict]:
     from mirage.config import MODALITIES, load_config, resolve_paths
     from mirage.distributed.serve import run_server
     from mirage.model import build_model, save_exported
+    from mirage.ports import free_port
     from mirage.predictor import Predictor, RunRequest
 
     work = Path(tempfile.mkdtemp(prefix=f"mirage-bench-serve-{head}-"))

@@ -9,7 +9,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mirage.config import load_config, resolve_paths
+from mirage.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 900
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def readme_submit_command() -> list[str]:
@@ -138,8 +133,8 @@ def test_sweep_job_submitted_as_documented(ray_head, tmp_path):
     assert status == JobStatus.SUCCEEDED, f"job {sid} {status}:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}\n{logs[-4000:]}"
     assert proc.returncode == 0
 
-    from mirage.tracking.models import load_predictor
     from mirage.tracking import client as mlflow_client
+    from mirage.tracking.models import load_predictor
 
     c = mlflow_client(cfg.tracking.uri)
     exp = c.get_experiment_by_name(cfg.tracking.experiment)

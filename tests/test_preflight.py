@@ -12,6 +12,7 @@ import pytest
 
 from mirage.cli import main
 from mirage.errors import ResourceError, TrackingError
+from mirage.ports import free_port
 from mirage.preflight import check_gpus, check_tracking, gpus_needed, local_gpus
 
 FAST_S = 20.0  # a failing preflight answers within this (it is ~1-10 s on a loaded 2-core machine)
@@ -273,13 +274,10 @@ def test_no_track_skips_the_tracking_check(base_sets, tmp_path, capfd):
 def test_tracking_check_passes_on_a_live_mlflow_server_and_fails_once_it_stops(tmp_path):
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     mlflow = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(

@@ -20,15 +20,11 @@ import pytest
 import requests
 
 from mirage.distributed.serve_api import REPRESENTATIONS
+from mirage.ports import free_port
 from mirage.predictor import Predictor
 
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TIMEOUT_S = 6.0

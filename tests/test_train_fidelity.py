@@ -4,7 +4,6 @@ the skip list."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from scipy import stats
 
 from mirage.config import ModelConfig, TrainConfig
 from mirage.model import build_model
+from mirage.ports import free_port
 from mirage.train.batch import Batch
 from mirage.train.optim import build_grad_scaler, build_optimizer
 from mirage.train.steps import PearsonAccumulator, eval_batch, train_step
@@ -63,11 +63,6 @@ def test_fp16_steps_with_a_scaler_on_cpu_learn_and_skip_overflow():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sharded_overflow_rank(rank: int, world: int, port: int, out: str) -> None:
     """Two FSDP2 ranks take fp16 steps as ``train_step`` does; at step 1 only rank 0's gradient shard overflows."""
@@ -117,7 +112,7 @@ def test_fsdp2_fp16_ranks_skip_an_overflow_in_one_shard_together(tmp_path):
     """The scaler's inf flag covers every shard: an overflow seen by rank 0 alone skips the step on both ranks."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_sharded_overflow_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_sharded_overflow_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["scale"] == r1["scale"] == torch.amp.GradScaler("cpu").get_scale() * 0.5  # backed off once

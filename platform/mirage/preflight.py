@@ -19,7 +19,9 @@ Checks (the names ``needs`` takes):
 - ``model``: the model URI names a model: a local model directory, or a ``runs:/<id>/<path>``,
   ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` URI whose MLflow store exists (a
   local store's file) or answers (a server); the entry itself is looked up by
-  :func:`mirage.pipeline.predict.check_model`, still before Ray starts.
+  :func:`mirage.pipeline.predict.check_model`, still before Ray starts;
+- ``port``: on a local Ray, ``serve.host:serve.port`` can be listened on (no other process holds
+  it); on a cluster the proxies bind on its nodes, where a clash is reported by Serve.
 
 Neither Ray nor MLflow here.
 """
@@ -45,9 +47,10 @@ from mirage.errors import (
 )
 from mirage.features.store import open_store
 from mirage.model_dirs import is_mlflow_uri, model_kind
+from mirage.ports import check_port_free
 
-CHECKS = ("tracking", "gpus", "data", "features", "model")
-"""Every check, in the order :func:`preflight` runs them (cheapest first)."""
+CHECKS = ("tracking", "gpus", "data", "features", "model", "port")
+"""Every check, in the order :func:`preflight` runs them."""
 GPU_USES = ("train", "extract", "serve", "predict")
 TRAINING_SPLITS = ("train", "val")
 HTTP_TIMEOUT_S = 5.0
@@ -91,6 +94,8 @@ def preflight(
         if model_uri is None:
             raise ValueError("preflight 'model' needs model_uri")
         check_model(model_uri, cfg.tracking.uri)
+    if "port" in needs and not on_cluster(cfg):
+        check_port_free(cfg.serve.host, cfg.serve.port, "serve.port")
 
 
 def on_cluster(cfg: Config) -> bool:

@@ -24,7 +24,7 @@ def serve(cfg: Config, a: argparse.Namespace) -> int:
     """Serve predictions over HTTP with Ray Serve."""
     updates = {f"serve.{k}": getattr(a, k) for k in ("host", "port") if getattr(a, k) is not None}
     cfg = cfg.with_overrides(updates) if updates else cfg
-    preflight(cfg, {"gpus", "model"}, model_uri=a.model, gpus_for="serve")
+    preflight(cfg, {"port", "gpus", "model"}, model_uri=a.model, gpus_for="serve")
     from mirage.pipeline.predict import serve as serve_model  # lazy: see mirage.commands
 
     serve_model(cfg, a.model)

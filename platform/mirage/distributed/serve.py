@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -352,11 +353,21 @@ def build_app(args: dict[str, Any]):
 def run_server(cfg: Config, model_uri: str, blocking: bool = True) -> str:
     """Start Serve on ``cfg.serve.host:port`` and deploy the app; returns the base URL.
 
-    With ``blocking`` the call serves until interrupted, then shuts Serve down.
+    With ``blocking`` the call serves until interrupted, then shuts Serve down. A port another
+    process holds (``mirage serve`` checks it before Ray starts, see :mod:`mirage.preflight`) is
+    reported as a ``MirageError`` when the proxy fails to bind it.
     """
     init_ray(cfg.ray)
     check_cluster_gpus(cfg, "serve")  # a GPU request the cluster can never meet would wait forever
-    serve.start(http_options=http_options(cfg))
+    try:
+        serve.start(http_options=http_options(cfg))
+    except ray.exceptions.RayTaskError as e:
+        if "Failed to bind" not in str(e):
+            raise
+        raise MirageError(
+            f"serve.port: Serve's HTTP proxy cannot listen on {cfg.serve.host}:{cfg.serve.port} (in use on a "
+            "node of the cluster); choose another port (serve.port=<port>)"
+        ) from None
     serve.run(make_app(cfg, model_uri), name="mirage", route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     if blocking:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from ray.cluster_utils import Cluster
 from mirage.config import RayConfig
 from mirage.distributed.cluster import use_local_auth
 from mirage.errors import MirageError
+from mirage.ports import free_port
 
 GPU_GROUP = "gpu_group"
 CPU_GROUP = "cpu_group"
@@ -48,11 +48,6 @@ class SimNode:
     node_id: str
     handle: object = field(repr=False)  # ray._private.node.Node
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children() -> dict[int, list[int]]:
@@ -147,8 +142,8 @@ class SimCluster:
                 "object_store_memory": self.object_store_mb * 2**20,
                 "include_dashboard": self.ray_cfg.include_dashboard,
                 "dashboard_host": "127.0.0.1",
-                "dashboard_port": _free_port(),
-                "dashboard_agent_listen_port": _free_port(),
+                "dashboard_port": free_port(),
+                "dashboard_agent_listen_port": free_port(),
                 "_system_config": self.system_config,
             },
         )

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from mirage.config import load_config
+from mirage.ports import free_port
 from mirage.train.loop import LocalSession, fit
 
 SUMMARY = "summary.json"
@@ -64,10 +64,7 @@ def spawn(cfg, root: str | os.PathLike, nprocs: int) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "config.yaml"
     cfg.dump(config_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_spawned, args=(nprocs, port, str(config_path), str(root)), nprocs=nprocs,
+    mp.start_processes(_spawned, args=(nprocs, free_port(), str(config_path), str(root)), nprocs=nprocs,
                        join=True, start_method="spawn")
     return json.loads((root / SUMMARY).read_text())
 
