@@ -141,7 +141,10 @@ def test_each_param_kind_maps_to_its_optuna_distribution():
 def test_write_analysis_writes_the_importance_and_figures(tmp_path):
     trials = synthetic(13, lambda p, rng: p["model.depth"] + 0.05 * rng.normal())
     trials[-1] = (trials[-1][0], None)  # failed
-    imp = write_analysis(trials, SPACE, name="s", metric="val_r", mode="max", seed=0, out=tmp_path / "a")
+    seen = []
+    imp = write_analysis(trials, SPACE, name="s", metric="val_r", mode="max", seed=0, out=tmp_path / "a",
+                         on_figure=lambda name, fig: seen.append((name, len(fig.axes))))
+    assert seen == [("objective", 1), ("importance", 1)]
     saved = json.loads((tmp_path / "a" / "importance.json").read_text())
     assert saved["importance"] == imp.importance and saved["n_trials"] == 12 and saved["n_skipped"] == 1
     for png in ("objective.png", "importance.png"):

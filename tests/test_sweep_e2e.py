@@ -149,7 +149,9 @@ def test_mlflow_holds_sweep_trials_and_registered_ensemble(job):
     c = _client(uri)
     assert len(c.get_metric_history(trials[0].info.run_id, "val_r")) >= 1
     sweep_art = {a.path for a in c.list_artifacts(sweep.info.run_id, "sweep")}
-    assert {"sweep/best_config.yaml", "sweep/objective.png", "sweep/importance.png"} <= sweep_art
+    assert {"sweep/best_config.yaml", "sweep/trials.json", "sweep/importance.json"} <= sweep_art
+    for fig in ("objective", "importance"):  # figures logged as figures, one folder each
+        assert [a.path for a in c.list_artifacts(sweep.info.run_id, f"figures/{fig}")] == [f"figures/{fig}/{fig}.png"]
 
     ens = next(r for r in runs if r.data.tags.get("mirage.kind") == "ensemble")
     assert ens.info.status == "FINISHED"

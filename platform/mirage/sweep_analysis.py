@@ -34,6 +34,7 @@ from optuna.distributions import (
 )
 from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
+from mirage.analysis import FigureHook, finish_figure
 from mirage.config import ParamSpec
 
 METHOD = "optuna.importance.FanovaImportanceEvaluator"
@@ -153,15 +154,17 @@ def write_analysis(
     mode: str,
     seed: int,
     out: Path,
+    on_figure: FigureHook | None = None,
 ) -> ParamImportance:
     """``objective.png`` (values in start order, best so far), ``importance.json`` and
-    ``importance.png`` into ``out``; returns the importance."""
+    ``importance.png`` into ``out``; returns the importance. ``on_figure(name, fig)`` sees each
+    plot (``name`` = its file stem) before it is closed."""
     out.mkdir(parents=True, exist_ok=True)
     imp = parameter_importance(observations, space, mode, seed)
     (out / "importance.json").write_text(json.dumps(asdict(imp), indent=2))
     values = np.array([np.nan if v is None else v for _, v in observations], dtype=float)  # (n_trials,)
-    _plot_objective(values, name=name, metric=metric, mode=mode, path=out / "objective.png")
-    _plot_importance(imp, metric=metric, path=out / "importance.png")
+    finish_figure(_plot_objective(values, name=name, metric=metric, mode=mode), out / "objective.png", on_figure)
+    finish_figure(_plot_importance(imp, metric=metric), out / "importance.png", on_figure)
     return imp
 
 
@@ -176,8 +179,8 @@ def _pyplot():
     return plt
 
 
-def _plot_objective(values: np.ndarray, *, name: str, metric: str, mode: str, path: Path) -> None:
-    """``values``: (n_trials,) best metric per trial in start order, NaN where none."""
+def _plot_objective(values: np.ndarray, *, name: str, metric: str, mode: str):
+    """The objective figure; ``values``: (n_trials,) best metric per trial in start order, NaN where none."""
     plt = _pyplot()
     filled = np.where(np.isnan(values), -np.inf if mode == "max" else np.inf, values)
     running = np.maximum.accumulate(filled) if mode == "max" else np.minimum.accumulate(filled)
@@ -188,12 +191,11 @@ def _plot_objective(values: np.ndarray, *, name: str, metric: str, mode: str, pa
     ax.plot(x, running, "-", label=f"best so far ({mode})")
     ax.set(xlabel="trial (order started)", ylabel=metric, title=f"Sweep {name}: objective")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _plot_importance(imp: ParamImportance, *, metric: str, path: Path) -> None:
+def _plot_importance(imp: ParamImportance, *, metric: str):
+    """The importance figure: one bar per parameter, most important on top."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     keys = list(imp.importance)[::-1]  # most important on top
@@ -201,6 +203,4 @@ def _plot_importance(imp: ParamImportance, *, metric: str, path: Path) -> None:
     title = f"Parameter importance (fANOVA, {imp.n_trials} trials)"
     ax.set(xlabel=f"share of the variance of {metric}", title=title if imp.reason is None else f"{title}: {imp.reason}")
     ax.title.set_fontsize(8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

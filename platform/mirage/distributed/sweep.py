@@ -50,6 +50,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from mirage import tracking
+from mirage.analysis import FigureHook
 from mirage.atomic import write_text
 from mirage.config import Config, ConfigError, ParamSpec
 from mirage.distributed import sweep_state
@@ -398,8 +399,11 @@ def run_sweep(cfg: Config) -> SweepResult:
                 f"({[t.status for t in res.trials]}); see the trial logs under {path}"
             )
         with tempfile.TemporaryDirectory() as tmp:
-            write_sweep_artifacts(cfg, res, Path(tmp))
-            tracking.log_artifacts(uri, parent, tmp, "sweep")
+            files = write_sweep_artifacts(cfg, res, Path(tmp),
+                                          on_figure=lambda name, fig: tracking.log_figure(uri, parent, fig, name))
+            for f in files:
+                if f.suffix != ".png":  # the figures are under figures/<name>/
+                    tracking.log_artifacts(uri, parent, f, "sweep")
         metrics = {f"best_{cfg.sweep.metric}": best.best, "n_trials": len(res.trials), "wall_s": res.wall_s}
         tracking.log_metrics(uri, parent, metrics, step=0)
         tracking.set_tags(uri, parent, {"mirage.best_trial": best.trial_id, "mirage.best_run": best.run_id or "",
@@ -417,15 +421,16 @@ def run_sweep(cfg: Config) -> SweepResult:
 # ------------------------------------------------------------------ artifacts
 
 
-def write_sweep_artifacts(cfg: Config, res: SweepResult, out: Path) -> list[Path]:
+def write_sweep_artifacts(cfg: Config, res: SweepResult, out: Path, on_figure: FigureHook | None = None) -> list[Path]:
     """Best config (YAML), the trial table (JSON), the parameter importance (JSON) and plots of
-    the search (PNG) into ``out``; the analysis itself is :mod:`mirage.sweep_analysis`."""
+    the search (PNG) into ``out``; the analysis itself is :mod:`mirage.sweep_analysis`.
+    ``on_figure(name, fig)`` sees each plot before it is closed."""
     out.mkdir(parents=True, exist_ok=True)
     cfg.with_overrides(dict(res.best.params)).dump(out / "best_config.yaml")
     (out / "trials.json").write_text(json.dumps([asdict(t) for t in res.trials], indent=2, default=str))
     write_analysis(
         observations(res.trials), cfg.sweep.space,
-        name=res.name, metric=res.metric, mode=res.mode, seed=cfg.sweep.seed, out=out,
+        name=res.name, metric=res.metric, mode=res.mode, seed=cfg.sweep.seed, out=out, on_figure=on_figure,
     )
     return sorted(out.iterdir())
 
