@@ -423,12 +423,12 @@ def _group_resources(group: dict) -> dict[str, float]:
     return {k: float(v) for k, v in json.loads(text).items()}
 
 
-WORK_GROUPS = {"features.resources": "extract", "train.worker_resources": "train"}
+WORK_GROUPS = {"features.resources": "extract", "train.worker_resources": "train", "sweep.driver_resources": "cpu"}
 """Config field of the custom resources a kind of work requests -> the worker group it must land on."""
 
 
 def resource_mismatches(objs: list[dict]) -> list[str]:
-    """Where the RayJob's extraction actors or Train workers would not land on their own worker group:
+    """Where the RayJob's extraction actors, Train workers or trial drivers would not land on their own worker group:
     a request the group does not offer, offered by another group too, more than one pod offers, or
     none at all (then the work may land anywhere, the head aside); the head offering any."""
     cluster = next(o for o in objs if o["kind"] == "RayCluster")["spec"]
@@ -460,6 +460,17 @@ def test_work_requests_the_custom_resources_of_its_worker_group(rendered):
         gpus = g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
         if gpus is not None:
             assert sum(_group_resources(g).values()) == int(gpus), f"{name}: {g['groupName']}"
+
+
+def test_readme_submit_command_sets_what_the_rayjob_sets(rendered):
+    """A sweep submitted by hand as the README says runs as the RayJob does: same config, same groups."""
+    from test_job_submit import readme_submit_command
+
+    _, objs = rendered
+    readme = readme_submit_command()
+    job = shlex.split(next(o for o in objs if o["kind"] == "RayJob")["spec"]["entrypoint"])
+    assert readme[readme.index("--") + 1:readme.index("--") + 5] == job[:4]
+    assert load_config(job[3], _set_overrides(readme)).to_dict() == load_config(job[3], _set_overrides(job)).to_dict()
 
 
 def test_resource_check_finds_a_mismatch():

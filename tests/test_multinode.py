@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirage.distributed.sim_cluster import GPU_GROUP
+from mirage.distributed.sim_cluster import CPU_GROUP, GPU_GROUP
 from conftest import SIM_GPU_NODES
 from run_helpers import in_thread
 
@@ -95,6 +95,10 @@ def test_work_requests_its_worker_group():
     assert trial_resources(cfg) == {"cpu": 2, "gpu": 0.0, GPU_GROUP: 1}  # a direct trial is its own worker
     trainer = cfg.with_overrides({"train.num_workers": 2, "sweep.driver_cpus": 0.5})
     assert trial_resources(trainer) == {"cpu": 0.5}  # a trainer trial's driver: its workers ask for the group
+    pinned = load_config("demo", ["train.worker_resources={gpu_group: 1}", "train.num_workers=2",
+                                  "sweep.driver_resources={cpu_group: 1}"])
+    assert trial_resources(pinned) == {"cpu": 1.0, CPU_GROUP: 1}  # the driver on the CPU group
+    assert trial_resources(pinned.with_overrides({"train.num_workers": 1})) == {"cpu": 1.0, "gpu": 0.0, GPU_GROUP: 1}
 
 
 # ------------------------------------------------------------------ extraction

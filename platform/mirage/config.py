@@ -450,6 +450,12 @@ class SweepConfig(Section):
         "a direct trial reserves its worker's train.cpus_per_worker instead). Above 0, the driver never runs on a "
         "head that offers no CPUs (KubeRay's num-cpus: 0)."
     )
+    driver_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each trainer trial's driver requests (e.g. {cpu_group: 1}), so it runs on "
+        "the CPU worker group and is not lost with a (spot) GPU node; a direct trial requests "
+        "train.worker_resources instead.",
+    )
     trial_runner: Literal["auto", "direct", "trainer"] = Field(
         "auto",
         description="How a trial trains: 'direct' runs the training loop inside the Tune trial process (one "

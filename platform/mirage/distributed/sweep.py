@@ -15,8 +15,9 @@ same, and the run folder ``<train.storage>/<sweep.name>-<trial id>`` holds its c
 
 Resources: a direct trial reserves what its one worker needs (``train.cpus_per_worker``, a GPU
 with ``train.use_gpu`` and the custom ``train.worker_resources``, so it lands on the training worker
-group); a trainer trial's function is only a driver (``sweep.driver_cpus`` logical CPUs, nothing
-else: on a cluster whose head offers no CPUs it runs on a worker node, and the Ray Train controller
+group); a trainer trial's function is only a driver (``sweep.driver_cpus`` logical CPUs and the
+custom ``sweep.driver_resources``, so it lands on the CPU group and not on a GPU node that may go
+away; on a cluster whose head offers no CPUs it runs on a worker node, and the Ray Train controller
 it starts, which requests no CPUs, runs beside it) and its Train workers reserve their own placement
 group from ``ScalingConfig`` (the same CPUs, GPU and custom resources per worker).
 Concurrency is capped by ``sweep.max_concurrent`` and, on a local Ray, by what the logical CPUs
@@ -226,12 +227,12 @@ def make_trial_fn(base: dict[str, Any], parent_run_id: str):
 
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What the trial function itself reserves: a direct trial its worker's CPUs, GPU and custom
-    resources (``train.worker_resources``), a trainer trial its driver's CPUs (the Train workers
-    reserve their own)."""
+    resources (``train.worker_resources``), a trainer trial its driver's CPUs and custom resources
+    (``sweep.driver_resources``; the Train workers reserve their own)."""
     if trial_runner(cfg) == "direct":
         tc = cfg.train
         return {"cpu": tc.cpus_per_worker, "gpu": 1.0 if tc.use_gpu else 0.0, **tc.worker_resources}
-    return {"cpu": cfg.sweep.driver_cpus}
+    return {"cpu": cfg.sweep.driver_cpus, **cfg.sweep.driver_resources}
 
 
 def trial_cpus(cfg: Config) -> float:

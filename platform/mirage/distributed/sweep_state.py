@@ -28,7 +28,7 @@ NOT_DEFINING = (
     "outputs", "tracking", "ray", "serve", "ensemble",
     "train.name", "train.storage", "train.max_failures", "train.loader_threads", "train.num_workers",
     "train.cpus_per_worker", "train.worker_resources", "train.baseline",
-    "sweep.name", "sweep.max_concurrent", "sweep.driver_cpus", "sweep.trial_runner", "data.synthetic",
+    "sweep.name", "sweep.max_concurrent", "sweep.driver_cpus", "sweep.driver_resources", "sweep.trial_runner", "data.synthetic",
     "features.store", "features.local_files_only", "features.actors", "features.gpus_per_actor",
     "features.cpus_per_actor", "features.batch_size", "features.cutoffs_per_item", "features.pass_batch",
     "features.torch_threads", "features.resources",
