@@ -13,6 +13,7 @@ from mirage.config import ConfigError, FeaturesConfig, load_config
 from mirage.errors import ModelLoadError
 from mirage.features.backbone import BACKBONES, load_backbone
 from mirage.features.families import FAMILIES
+from mirage.features.readout import PassRunner
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +297,43 @@ def test_entry_tiny_variant_through_the_extraction(fcfg, tinies, extracted, name
     has_words = np.abs(feats["text"]).sum(axis=(1, 2)) > 0
     # a word goes into frames [round(2 onset), + max(1, round(2 duration))): hey -> 0, ross! -> 1, okay -> 3
     assert has_words.tolist() == [True, True, False, True, False, False]
+
+
+# ------------------------------------------------------------------ audio padding
+
+
+def test_qwen2_5_audio_padded_to_the_longest_clip_gives_the_same_passes(fcfg, tinies, native_passes):
+    """The Qwen2.5-Omni processor pads every clip to 300 s; padding to the longest clip plus one FFT
+    window leaves the thinker's hidden states bit-identical, native (audio in video) and audio alone."""
+    bb = tinies("tiny-qwen2.5-omni")
+    p = bb.processor
+    enc, hs = native_passes("tiny-qwen2.5-omni")  # the processor's own padding
+    rng = np.random.default_rng(0)  # the fixture's inputs, drawn again
+    video = rng.integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal(31 * fcfg.audio_rate)).astype(np.float32)
+    prompt = p.vision_bos_token + p.video_token + p.vision_eos_token + "\nhello ross"
+    short = p(text=prompt, videos=[video], audio=[audio], fps=fcfg.video_fps, **bb.processor_kwargs(True),
+              **bb.audio_kwargs([len(audio)]))
+    assert enc["input_features"].shape[-1] == 30000 and short["input_features"].shape[-1] == 3103  # (31 s + 400) / 160, up
+    assert torch.equal(short["input_ids"], enc["input_ids"])
+    with torch.inference_mode():
+        assert torch.equal(torch.stack(bb.model(**short, **bb.forward_kwargs(True)).hidden_states), hs)
+
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (3 * 16000 + 77, 5 * 16000 + 123, 2 * 16000)]
+    prompts = [p.audio_bos_token + p.audio_token + p.audio_eos_token] * 3
+    whole = p(text=prompts, audio=clips, **bb.processor_kwargs(False))
+    cut = p(text=prompts, audio=clips, **bb.processor_kwargs(False), **bb.audio_kwargs([len(c) for c in clips]))
+    with torch.inference_mode():
+        a, b = (torch.stack(bb.model(**e, **bb.forward_kwargs(False)).hidden_states) for e in (whole, cut))
+    assert torch.equal(a, b)
+
+    runner = PassRunner(bb, fcfg.model_copy(update={"backbone": "tiny-qwen2.5-omni"}))
+    assert runner.encode(prompts, audios=clips)["input_features"].shape[-1] == cut["input_features"].shape[-1] < 1000
+
+
+def test_audio_padding_is_capped_at_the_chunk_and_left_alone_elsewhere(tinies):
+    bb = tinies("tiny-qwen2.5-omni")
+    fe = bb.processor.feature_extractor
+    assert bb.audio_kwargs([fe.n_samples + 5]) == {"audio_kwargs": {"max_length": fe.n_samples}}  # still cut at 300 s
+    assert bb.audio_kwargs([16000]) == {"audio_kwargs": {"max_length": 16480}}  # 16000 + 400, rounded up to 160
+    assert tinies("tiny").audio_kwargs([16000]) == {}  # Qwen3-Omni pads to the longest clip itself

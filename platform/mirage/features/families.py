@@ -34,6 +34,9 @@ class Family:
     special_tokens: dict[str, str]
     audio_extractor: dict[str, int] = field(default_factory=dict)
     """Settings of the released ``WhisperFeatureExtractor`` that differ from the class defaults."""
+    pads_audio_to_chunk: bool = False
+    """Whether the processor pads every audio clip to the extractor's whole chunk (``n_samples``) before
+    the log-mel; see :meth:`mirage.features.interface.Backbone.audio_kwargs`."""
 
     def classes(self) -> tuple[type, type, type]:
         """(processor, thinker, full model) classes from transformers."""
@@ -82,6 +85,7 @@ QWEN2_5_OMNI = Family(
     },
     # the processor pads every clip to chunk_length seconds (and cuts it there): 300 s, not Whisper's 30 s
     audio_extractor={"chunk_length": 300},
+    pads_audio_to_chunk=True,
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN3_OMNI, QWEN2_5_OMNI)}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mirage.config import ConfigError
-from mirage.features.families import FamilyName
+from mirage.features.families import FAMILIES, FamilyName
 
 
 @dataclass
@@ -81,6 +81,23 @@ class Backbone:
             else:
                 kw["use_audio_in_video"] = True
         return kw
+
+    def audio_kwargs(self, n_samples: list[int]) -> dict[str, Any]:
+        """Processor keywords for a batch of audio clips of ``n_samples`` samples each.
+
+        The Qwen2.5-Omni processor pads every clip with zeros to the extractor's whole chunk (300 s)
+        and computes the log-mel of all of it, though the thinker reads only the frames that
+        ``feature_attention_mask`` marks. Padding to the longest clip plus one FFT window (rounded up
+        to a hop, at most the chunk, so a longer clip is still cut at the chunk) leaves every marked
+        frame bit-identical: each frame sees the same samples (zeros past a clip's end either way)
+        and the per-clip maximum under the log floor comes from marked frames. Other families pad to
+        the longest clip themselves: nothing to add.
+        """
+        if not FAMILIES[self.family].pads_audio_to_chunk or not n_samples:
+            return {}
+        fe = self.processor.feature_extractor
+        hops = -(-(max(n_samples) + fe.n_fft) // fe.hop_length)
+        return {"audio_kwargs": {"max_length": min(int(fe.n_samples), hops * fe.hop_length)}}
 
     def forward_kwargs(self, audio_in_video: bool) -> dict[str, Any]:
         """Keywords for the thinker's forward beyond the processor outputs (the same for both families)."""

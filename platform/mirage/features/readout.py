@@ -90,6 +90,7 @@ class PassRunner:
             kwargs.update(videos=list(videos), fps=max(1, int(round(self.cfg.video_fps))))
         if audios is not None:
             kwargs["audio"] = list(audios)
+            kwargs.update(self.bb.audio_kwargs([len(a) for a in kwargs["audio"]]))
         return dict(self.bb.processor(text=prompts if len(prompts) > 1 else prompts[0], **kwargs))
 
     def forward(self, enc: dict, audio_in_video: bool) -> list[PassOutput]:
