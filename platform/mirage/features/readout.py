@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from mirage.config import FeaturesConfig
-from mirage.features.interface import Backbone
 from mirage.features.inputs import TextWindow, audio_readout_rank
+from mirage.features.interface import Backbone
 
 TEXT_PREFIXES = ("", "\n", " ", "\n\n")
 """Prefixes tried, in order, when locating the window text among a pass's tokens."""
