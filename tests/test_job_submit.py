@@ -28,7 +28,6 @@ BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 900
 
 
-
 def readme_submit_command() -> list[str]:
     """The `ray job submit ...` command of the README's Kubernetes section, as argv."""
     text = (ROOT / "README.md").read_text()

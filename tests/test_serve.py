@@ -26,7 +26,6 @@ from mirage.predictor import Predictor
 pytestmark = pytest.mark.slow
 
 
-
 TIMEOUT_S = 6.0
 
 

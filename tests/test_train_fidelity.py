@@ -63,7 +63,6 @@ def test_fp16_steps_with_a_scaler_on_cpu_learn_and_skip_overflow():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-
 def _sharded_overflow_rank(rank: int, world: int, port: int, out: str) -> None:
     """Two FSDP2 ranks take fp16 steps as ``train_step`` does; at step 1 only rank 0's gradient shard overflows."""
     import torch.distributed as dist

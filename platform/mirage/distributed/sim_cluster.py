@@ -49,7 +49,6 @@ class SimNode:
     handle: object = field(repr=False)  # ray._private.node.Node
 
 
-
 def _children() -> dict[int, list[int]]:
     """Parent pid -> child pids of every process on this machine (from /proc)."""
     out: dict[int, list[int]] = {}
