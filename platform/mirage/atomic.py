@@ -19,13 +19,18 @@ from pathlib import Path
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Replace ``path`` with ``text`` atomically (temp file in the same folder, fsync, rename)."""
+    """Replace ``path`` with ``text`` (UTF-8) atomically; see :func:`write_bytes`."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

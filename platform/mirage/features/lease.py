@@ -32,6 +32,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirage.atomic import write_bytes
 from mirage.errors import MirageError
 
 LEASE = ".lease"
@@ -204,12 +205,7 @@ class Lease:
                 self._lost = f"it expired {now - self.expires:.1f} s before it could be renewed"
                 return False
             expires = now + self.seconds
-            tmp = self.path.with_name(f"{LEASE}.renew-{self.owner}")
-            with open(tmp, "wb") as f:
-                f.write(self._record(expires))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_bytes(self.path, self._record(expires))
             self.expires = expires
             return True
 

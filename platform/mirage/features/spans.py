@@ -25,13 +25,12 @@ import hashlib
 import io
 import os
 import re
-import socket
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mirage.atomic import write_bytes
 from mirage.config import MODALITIES, MODALITY_AXIS
 from mirage.errors import FeatureStoreError
 from mirage.features.store import SPANS, ArrayBuilder, Built
@@ -79,20 +78,8 @@ def write_span(root: str | os.PathLike, stimulus_id: str, key: str, start: int, 
     np.savez(buf, **{k: np.ascontiguousarray(arrays[k]) for k in ARRAYS})
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    folder = span_folder(root, stimulus_id, key)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{start:06d}-{stop:06d}.{len(data)}.{digest}.npz"
-    tmp = folder / f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return SpanMeta(stimulus_id, int(start), int(stop), str((folder / name).relative_to(root)), digest, len(data))
+    path = write_bytes(span_folder(root, stimulus_id, key) / f"{start:06d}-{stop:06d}.{len(data)}.{digest}.npz", data)
+    return SpanMeta(stimulus_id, int(start), int(stop), str(path.relative_to(root)), digest, len(data))
 
 
 def existing_spans(root: str | os.PathLike, stimulus_id: str, key: str) -> dict[tuple[int, int], SpanMeta]:
