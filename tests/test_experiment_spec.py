@@ -172,3 +172,26 @@ def test_scores_round_trip_and_table_csv():
     assert set(sc.summary()) == {"r_val", "r_val/a", "r_val/b", "probe_input"}
     text = table_csv([{"row": "x", "mean_r": 0.5}, {"row": "y", "mean_r": 0.25, "sem": 0.1}])
     assert text.splitlines() == ["row,mean_r,sem", "x,0.5,", "y,0.25,0.1"]
+
+
+def test_experiment_r_is_the_official_score_per_parcel():
+    """Two OOD movies are two groups: the per-parcel r averages them, and its mean over parcels is
+    the subject's official score (not the r of both movies concatenated)."""
+    import numpy as np
+
+    from mirage.data.run_key import RunKey
+    from mirage.experiments.scoring import official_r
+    from mirage.metrics import EDGE_TRS, algonauts_score, concat_trimmed, pearson_r
+
+    rng = np.random.default_rng(0)
+    keys = [RunKey("sub-01", s) for s in ("chaplin1", "chaplin2", "pulpfiction1")] + [RunKey("sub-02", "chaplin1")]
+    targets = {k: rng.normal(size=(40, 6)) for k in keys}
+    preds = {k: t + rng.normal(scale=1.0 + i, size=t.shape) for i, (k, t) in enumerate(targets.items())}
+    r = official_r(preds, targets, ["sub-01", "sub-02", "sub-03"], 6)
+    nested = [{s: {k.name: a[k] for k in keys if k.subject == s} for s in ("sub-01", "sub-02")} for a in (preds, targets)]
+    official = algonauts_score(*nested)
+    assert np.allclose(np.nanmean(r, axis=1)[:2], [official.subjects["sub-01"], official.subjects["sub-02"]])
+    assert np.isnan(r[2]).all()  # no run
+    pooled = pearson_r(concat_trimmed([preds[k] for k in keys[:3]], EDGE_TRS),
+                       concat_trimmed([targets[k] for k in keys[:3]], EDGE_TRS))
+    assert abs(float(pooled.mean()) - official.subjects["sub-01"]) > 1e-3  # the rule the groups change

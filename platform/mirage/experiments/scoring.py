@@ -1,7 +1,8 @@
 """How an experiment scores a trained model: per-subject, per-parcel r on every split with fMRI.
 
-The rule is the official one, as the baselines use it: runs z-scored (when ``data.zscore``), 5 TRs
-dropped at both edges of every run, runs concatenated per subject, Pearson r per parcel. A split
+The rule is the official one (:func:`mirage.metrics.algonauts_score`, as ``mirage score`` uses it):
+runs z-scored (when ``data.zscore``), 5 TRs dropped at both edges of every run, runs concatenated per
+subject and group (a Friends season, an OOD movie), Pearson r per parcel, groups averaged. A split
 (:data:`mirage.experiments.spec.SPLITS`) is scored only where the release holds its fMRI (the
 test splits of the Algonauts release and of the synthetic dataset hold none).
 
@@ -27,7 +28,7 @@ from mirage.data.splits import split_runs
 from mirage.errors import DataError
 from mirage.experiments.spec import SPLIT_SELECTORS
 from mirage.features.store import FeatureStore
-from mirage.metrics import EDGE_TRS, concat_trimmed, pearson_r
+from mirage.metrics import EDGE_TRS, algonauts_score
 
 RunArrays = dict[RunKey, np.ndarray]
 
@@ -129,18 +130,26 @@ def targets_of(cfg: Config, keys: Sequence[tuple[RunKey, Any]]) -> RunArrays:
 
 
 def official_r(preds: RunArrays, targets: RunArrays, subjects: Sequence[str], n_parcels: int) -> np.ndarray:
-    """(n_subjects, n_parcels) r per subject over its runs, edges dropped and runs concatenated (NaN: no run).
+    """(n_subjects, n_parcels) per-parcel r under the official rule (NaN: the subject has no run).
+
+    :func:`mirage.metrics.algonauts_score`: per subject and group (a Friends season, an OOD movie) the
+    runs lose their edge TRs and are concatenated, r per parcel; a parcel's value here is its mean over
+    the groups, so the mean over parcels is the subject's official score.
 
     preds, targets: RunKey -> (n_trs, n_parcels), the same keys and lengths.
     """
     out = np.full((len(subjects), n_parcels), np.nan, np.float32)
+    if not targets:
+        return out
+    nested_p: dict[str, dict[str, np.ndarray]] = {}
+    nested_t: dict[str, dict[str, np.ndarray]] = {}
+    for k, t in targets.items():
+        nested_t.setdefault(k.subject, {})[k.name] = t
+        nested_p.setdefault(k.subject, {})[k.name] = preds[k]
+    parcels = algonauts_score(nested_p, nested_t, edge_trs=EDGE_TRS).parcels
     for i, s in enumerate(subjects):
-        keys = [k for k in targets if k.subject == s]
-        if not keys:
-            continue
-        p = concat_trimmed([preds[k] for k in keys], EDGE_TRS)
-        t = concat_trimmed([targets[k] for k in keys], EDGE_TRS)
-        out[i] = pearson_r(p, t)
+        if s in parcels:
+            out[i] = np.mean(list(parcels[s].values()), axis=0)
     return out
 
 

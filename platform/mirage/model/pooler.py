@@ -7,6 +7,8 @@ The MIRAGE pooler (learned queries attend over the layers) and the reference's a
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import Tensor, nn
 
@@ -155,8 +157,8 @@ class LayerSelfAttentionPooler(nn.Module):
         return self.output_norm(h).reshape(B, T, self.n_tokens * D)  # (B, T, K*D), token-major
 
 
-LAYER_POOLS = ("cross_attention", "mean", "concat", "self_attention")
-"""The values of ``model.layer_pool``."""
+LAYER_POOLS: tuple[str, ...] = get_args(ModelConfig.model_fields["layer_pool"].annotation)
+"""The values of ``model.layer_pool`` (from the config's field)."""
 
 
 def build_layer_pooler(cfg: ModelConfig, dim: int, n_layers: int) -> nn.Module:

@@ -134,7 +134,8 @@ def feature_dataset(cfg: Config, stimuli: list[str] | None = None):
     from mirage.features.store import open_store
 
     store = open_store(cfg.features)
-    names = store.stimuli() if stimuli is None else [s for s in store.stimuli() if s in set(stimuli)]
+    wanted = None if stimuli is None else set(stimuli)
+    names = [s for s in store.stimuli() if wanted is None or s in wanted]
     rows = []
     for s in names:
         entry = store.manifest["stimuli"][s]
