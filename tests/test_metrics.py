@@ -16,6 +16,7 @@ from mirage.metrics import (
     noise_ceiling_split_half,
     pearson_r,
     pearson_r_torch,
+    sem,
 )
 
 
@@ -232,3 +233,11 @@ def test_noise_ceiling_split_half_recovers_planted_ceiling():
 def test_noise_ceiling_normalized_excludes_unreliable():
     out = noise_ceiling_normalized(np.array([0.2, 0.1]), np.array([0.5, 0.01]))
     assert out[0] == pytest.approx(0.4) and np.isnan(out[1])
+
+
+def test_sem_matches_scipy():
+    from scipy.stats import sem as scipy_sem
+
+    x = np.random.default_rng(3).normal(size=9)
+    assert sem(x) == pytest.approx(float(scipy_sem(x)))
+    assert sem(np.array([0.4])) == 0.0 and sem(np.array([])) == 0.0

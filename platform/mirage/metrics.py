@@ -161,6 +161,12 @@ def algonauts_score(
     return AlgonautsScore(float(np.mean(list(subjects.values()))), subjects, groups, parcels)
 
 
+def sem(x: np.ndarray) -> float:
+    """Standard error of the mean of the values ``x`` (n,): sample std (ddof=1) / sqrt(n); 0 for n < 2."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
 def noise_ceiling_split_half(run_a: np.ndarray, run_b: np.ndarray) -> np.ndarray:
     """Noise ceiling from two repeats of one stimulus (e.g. Movie10 ``_run-1``/``_run-2``).
 

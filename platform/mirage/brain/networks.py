@@ -20,6 +20,7 @@ from importlib import resources
 import numpy as np
 
 from mirage.errors import DataError
+from mirage.metrics import sem
 
 NETWORKS = ("Vis", "SomMot", "DorsAttn", "SalVentAttn", "Limbic", "Cont", "Default")
 """The Yeo 2011 7 networks, in the order of the Schaefer label table."""
@@ -102,7 +103,7 @@ def network_summary(r: dict[str, dict[str, np.ndarray]], n_parcels: int) -> list
             rows.append({
                 "model": model, "network": net,
                 "mean_r": float(means.mean()) if n else float("nan"),
-                "sem": float(means.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+                "sem": sem(means),
                 "n_subjects": n, "n_parcels": int(sel.sum()),
             })
     return rows

@@ -27,6 +27,7 @@ import numpy as np
 
 from mirage.experiments.scoring import Scores
 from mirage.experiments.spec import ExperimentSpec, short_key
+from mirage.metrics import sem
 
 TABLE_NUMBERS = ("mean_r", "sem", "mean_r_norm", "sem_norm")
 
@@ -86,10 +87,6 @@ class Report:
 # ------------------------------------------------------------------- numbers
 
 
-def _sem(x: np.ndarray) -> float:
-    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
-
-
 def groups_in_order(records: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]:
     """Table row -> its records, rows in the order their first record came."""
     out: dict[str, list[TrialRecord]] = {}
@@ -140,9 +137,9 @@ def experiment_table(spec: ExperimentSpec, records: Sequence[TrialRecord], ctx: 
             row.update({short_key(k): first.point.get(k, "") for k in spec.grid})
             row.update({
                 "split": split, "n_seeds": len({r.seed for r in recs}), "n_subjects": len(vals),
-                "mean_r": float(vals.mean()), "sem": _sem(vals),
+                "mean_r": float(vals.mean()), "sem": sem(vals),
                 "mean_r_norm": float(nm.mean()) if len(nm) else float("nan"),
-                "sem_norm": _sem(nm) if len(nm) else float("nan"),
+                "sem_norm": sem(nm) if len(nm) else float("nan"),
             })
             row.update({f"r/{s}": v for s, v in subj.items()})
             rows.append(row)
@@ -334,7 +331,7 @@ def probe_table(groups: dict[str, list[TrialRecord]], subjects: Sequence[str]) -
                     subj[s] = float(np.mean(vals))
             if subj:
                 v = np.array(list(subj.values()))
-                out.append({"row": g, "stage": st, "n_subjects": len(v), "mean_r": float(v.mean()), "sem": _sem(v),
+                out.append({"row": g, "stage": st, "n_subjects": len(v), "mean_r": float(v.mean()), "sem": sem(v),
                             **{f"r/{s}": x for s, x in subj.items()}})
     return out
 
