@@ -5,22 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mirage.brain.ceiling import load_ceiling, normalise, repeat_ceiling
+from mirage.brain.ceiling import load_ceiling, repeat_ceiling
 from mirage.data.synth import load_truth
 from mirage.errors import DataError
+from mirage.metrics import noise_ceiling_normalized
 
 
 def test_normalise_divides_where_the_ceiling_is_usable():
     r = np.array([0.3, 0.3, 0.3, -0.2, 0.3])
     c = np.array([0.6, 0.1, 0.05, 0.4, np.nan])
-    out = normalise(r, c, min_ceiling=0.1)
+    out = noise_ceiling_normalized(r, c, min_ceiling=0.1)
     np.testing.assert_allclose(out[:2], [0.5, 3.0])  # at the threshold counts; not clipped at 1
     assert np.isnan(out[2]) and np.isnan(out[4])  # below the threshold, or no ceiling
     assert out[3] == pytest.approx(-0.5)
-    stacked = normalise(np.stack([r, 2 * r]), c, min_ceiling=0.2)  # (subjects, P)
+    stacked = noise_ceiling_normalized(np.stack([r, 2 * r]), c, min_ceiling=0.2)  # (subjects, P)
     assert stacked.shape == (2, 5) and np.isnan(stacked[:, 1]).all() and stacked[1, 0] == pytest.approx(1.0)
     with pytest.raises(DataError, match=r"expected r \(\.\.\., P\) and ceiling \(P,\)"):
-        normalise(r, c[:4])
+        noise_ceiling_normalized(r, c[:4])
 
 
 def test_user_ceiling_files(tmp_path):

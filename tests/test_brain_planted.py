@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from mirage.brain.atlas import load_atlas
-from mirage.brain.ceiling import load_ceiling, normalise
+from mirage.brain.ceiling import load_ceiling
 from mirage.brain.networks import NETWORKS, network_summary, parcel_labels, parcel_networks, top_network
 from mirage.brain.timecourses import choose_parcels, plot_time_courses
 from mirage.data.fmri import load_fmri, zscore
 from mirage.data.layout import Release
 from mirage.data.synth import load_truth, write_synthetic
-from mirage.metrics import pearson_r
+from mirage.metrics import noise_ceiling_normalized, pearson_r
 
 N_PARCELS = 100
 PLANTED = "DorsAttn"  # not the first network of the table, so an order slip cannot pass
@@ -73,7 +73,7 @@ def test_planted_network_is_the_top_network(planted_root, tmp_path):
     # the truth's noise ceiling: the fit of a planted parcel reaches about its ceiling, the others have none
     ceiling = load_ceiling(planted_root, N_PARCELS)
     assert ceiling is not None and ceiling.source == "synthetic truth"
-    norm = np.stack([normalise(f[0], ceiling.values, 0.1) for f in fits.values()])  # (S, P)
+    norm = np.stack([noise_ceiling_normalized(f[0], ceiling.values, 0.1) for f in fits.values()])  # (S, P)
     assert np.isnan(norm[:, ~planted]).all()
     assert 0.8 < np.nanmean(norm[:, planted]) < 1.1
 

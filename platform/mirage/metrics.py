@@ -179,13 +179,14 @@ def noise_ceiling_split_half(run_a: np.ndarray, run_b: np.ndarray) -> np.ndarray
 
 
 def noise_ceiling_normalized(r: np.ndarray, ceiling: np.ndarray, min_ceiling: float = 0.1) -> np.ndarray:
-    """r / ceiling per parcel; NaN where the ceiling is below ``min_ceiling`` (parcel not reliable enough).
+    """r / ceiling per parcel; NaN where the ceiling is missing (NaN) or below ``min_ceiling`` (parcel not
+    reliable enough). Not clipped at 1: a noisy ceiling estimate can be exceeded.
 
-    r, ceiling: (n_parcels,) (ceiling = largest attainable r, e.g. :func:`noise_ceiling_split_half`).
-    Average with ``np.nanmean``; the count of excluded parcels is ``np.isnan(out).sum()``.
+    r: (..., n_parcels); ceiling: (n_parcels,) (the largest attainable r, e.g. :func:`noise_ceiling_split_half`).
+    Returns float64 of r's shape. Average with ``np.nanmean``; excluded parcels: ``np.isnan(out).sum()``.
     """
     r, c = np.asarray(r, np.float64), np.asarray(ceiling, np.float64)
-    if r.shape != c.shape:
-        raise ValueError(f"noise_ceiling_normalized: r shape {r.shape} != ceiling shape {c.shape}")
-    ok = c >= min_ceiling
+    if c.ndim != 1 or r.shape[-1:] != c.shape:
+        raise DataError(f"noise_ceiling_normalized: r {r.shape} and ceiling {c.shape}; expected r (..., P) and ceiling (P,)")
+    ok = np.isfinite(c) & (c >= min_ceiling)
     return np.where(ok, r / np.where(ok, c, 1.0), np.nan)

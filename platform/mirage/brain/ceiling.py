@@ -11,12 +11,12 @@ Where a ceiling comes from (``load_ceiling``, first found wins):
 3. repeated presentations in the release (Movie10 ``life``/``figures`` are recorded twice,
    ``_run-1``/``_run-2``): per subject, the per-parcel correlation between the two runs of every
    repeated stimulus (trimmed to the shorter run), averaged over stimuli, is the reliability of
-   one run; the ceiling is its square root (``mirage.metrics.noise_ceiling_split_half``); without a
-   subject, the reliabilities are averaged over subjects first.
+   one run; the ceiling is its square root (the rule of ``mirage.metrics.noise_ceiling_split_half``,
+   applied to the averaged reliability); without a subject, the reliabilities are averaged over
+   subjects first.
 
-Normalising (``normalise``): r / ceiling where the ceiling is finite and at least ``min_ceiling``
-(``data.noise_ceiling_min``), NaN elsewhere, as ``mirage.metrics.noise_ceiling_normalized``. The
-ratio is not clipped: a noisy estimate can exceed 1.
+Normalising is ``mirage.metrics.noise_ceiling_normalized``: r / ceiling where the ceiling is finite
+and at least ``min_ceiling`` (``data.noise_ceiling_min``), NaN elsewhere; not clipped at 1.
 """
 
 from __future__ import annotations
@@ -150,15 +150,3 @@ def _read_lines(path: Path) -> np.ndarray:
             raise DataError(f"{path}: line {k + 1} is {line!r}; expected one number per line") from None
     return np.asarray(out, dtype=np.float64)
 
-
-def normalise(r, ceiling, min_ceiling: float = 0.1) -> np.ndarray:
-    """Ceiling-normalised r: r / ceiling where the ceiling is finite and >= ``min_ceiling``, NaN elsewhere.
-
-    r: (P,) or (..., P); ceiling: (P,). Returns float64 of r's shape. Not clipped at 1.
-    """
-    r = np.asarray(r, dtype=np.float64)
-    c = np.asarray(ceiling, dtype=np.float64)
-    if c.ndim != 1 or r.shape[-1:] != c.shape:
-        raise DataError(f"normalise: r {r.shape} and ceiling {c.shape}; expected r (..., P) and ceiling (P,)")
-    ok = np.isfinite(c) & (c >= min_ceiling)
-    return np.where(ok, r / np.where(ok, c, 1.0), np.nan)

@@ -27,7 +27,7 @@ import numpy as np
 
 from mirage.experiments.scoring import Scores
 from mirage.experiments.spec import ExperimentSpec, short_key
-from mirage.metrics import sem
+from mirage.metrics import noise_ceiling_normalized, sem
 
 TABLE_NUMBERS = ("mean_r", "sem", "mean_r_norm", "sem_norm")
 
@@ -114,9 +114,7 @@ def parcel_r(records: Sequence[TrialRecord], split: str, subjects: Sequence[str]
 def _normalised(r: np.ndarray, ctx: Context) -> np.ndarray | None:
     if ctx.ceiling is None:
         return None
-    from mirage.brain.ceiling import normalise
-
-    return normalise(r, ctx.ceiling, ctx.min_ceiling)
+    return noise_ceiling_normalized(r, ctx.ceiling, ctx.min_ceiling)
 
 
 def experiment_table(spec: ExperimentSpec, records: Sequence[TrialRecord], ctx: Context) -> list[dict[str, Any]]:
