@@ -38,15 +38,7 @@ def layer_profile(attn: Iterable[np.ndarray]) -> np.ndarray:
     Returns:
         (L,) attention averaged over batches, frames, heads and queries (sums to 1).
     """
-    total, count = None, 0
-    for a in attn:
-        a = np.asarray(a, dtype=np.float64)
-        s = a.reshape(-1, a.shape[-1]).sum(axis=0)  # (L,)
-        total = s if total is None else total + s
-        count += int(np.prod(a.shape[:-1]))
-    if total is None or count == 0:
-        raise ValueError("layer_profile: no attention batches given")
-    return total / count
+    return attention_views(attn).mean
 
 
 @dataclass
@@ -66,6 +58,12 @@ class AttentionViews:
     def n_layers(self) -> int:
         return int(self.mean.shape[-1])
 
+    @classmethod
+    def from_head_query(cls, hq: np.ndarray) -> "AttentionViews":
+        """The views of a (heads, Q, L) profile (each row summing to 1 over L)."""
+        hq = np.asarray(hq, dtype=np.float64)
+        return cls(hq.mean(axis=(0, 1)), hq.mean(axis=1), hq.mean(axis=0), hq)
+
 
 def attention_views(attn: Iterable[np.ndarray]) -> AttentionViews:
     """Per-head and per-query layer profiles of one modality.
@@ -84,8 +82,7 @@ def attention_views(attn: Iterable[np.ndarray]) -> AttentionViews:
         count += a.shape[0] * a.shape[1]
     if total is None or count == 0:
         raise ValueError("attention_views: no attention batches given")
-    hq = total / count  # (heads, Q, L)
-    return AttentionViews(hq.mean(axis=(0, 1)), hq.mean(axis=1), hq.mean(axis=0), hq)
+    return AttentionViews.from_head_query(total / count)  # (heads, Q, L)
 
 
 def distance_from_uniform(p: np.ndarray, axis: int = -1) -> np.ndarray:

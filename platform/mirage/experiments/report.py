@@ -286,8 +286,7 @@ def _attention(rep: Report, spec: ExperimentSpec, groups: dict[str, list[TrialRe
         per_seed = []
         for r in recs:
             if r.scores.attention:
-                per_seed.append({m: AttentionViews(a.mean(axis=(0, 1)), a.mean(axis=1), a.mean(axis=0), a)
-                                 for m, a in r.scores.attention.items()})
+                per_seed.append({m: AttentionViews.from_head_query(a) for m, a in r.scores.attention.items()})
         if not per_seed:
             continue
         spread = attention_spread(per_seed)
